@@ -1,0 +1,28 @@
+"""What the entry scripts share: turning expected failures into one clear line and
+a non-zero exit, and picking the objective out of the metrics for a sweeper."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ftexp.config import ConfigError
+
+log = logging.getLogger("ftexp")
+
+
+def run_guarded(fn, cfg):
+    """Run a recipe; a ConfigError becomes a one-line message and exit code 2."""
+    try:
+        return fn(cfg)
+    except ConfigError as err:
+        log.error("%s", err)
+        print(f"ftexp: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def objective_value(metrics: dict, objective: str) -> float:
+    if objective not in metrics or metrics[objective] is None:
+        numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+        raise ConfigError(f"objective={objective!r} is not in this run's metrics. Available: {numeric}")
+    return float(metrics[objective])

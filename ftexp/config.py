@@ -1,0 +1,301 @@
+"""Typed config schemas (registered in Hydra's ConfigStore) and cross-group checks.
+
+The schemas make a misspelt key or a wrong type fail while Hydra composes the
+config, with the full key in the message. ``validate`` then applies the rules
+that span groups (quantization needs adapters, a run needs a stop condition,
+...) before anything heavy is loaded. One rule = one function named after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message says which key and what to do."""
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+@dataclass
+class TinyConfig:
+    """Architecture of an offline model built from a config (random weights)."""
+
+    family: str = "llama"  # llama | falcon | t5 | gpt_neox
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+    # The tokenizer is byte-level BPE trained on the run's own training texts, so
+    # any text encodes (byte fallback) and common words are single tokens.
+    vocab_size: int = 4096
+    tokenizer_max_texts: int = 20000
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    name_or_path: str = MISSING  # Hub id, local directory, or "tiny" for an offline model
+    arch: str = "causal"  # causal | seq2seq
+    family: str = "llama"  # llama | falcon | t5 | gpt_neox: picks the tiny twin and LoRA defaults
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # Parameter count used by the memory check before loading; null = read from config.
+    num_params: Optional[int] = None
+    # Architecture config shipped with ftexp (ftexp/presets/<file>) for offline checks.
+    preset_config: Optional[str] = None
+    # Use the tokenizer's chat template when it has one (null = auto).
+    use_chat_template: Optional[bool] = None
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+
+
+@dataclass
+class QuantConfig:
+    name: str = "none"  # none | int8 | nf4
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "bfloat16"  # float32 on CPUs without bf16 maths
+    llm_int8_threshold: float = 6.0
+
+
+@dataclass
+class LoraConfig:
+    name: str = "default"
+    enabled: bool = True  # false = full fine-tune (lora=none)
+    r: int = 8  # higher r: more capacity, more memory, more trainable params
+    alpha: int = 16  # scaling = alpha / r
+    dropout: float = 0.05
+    # An explicit list of module names, or "all-linear" to walk the loaded model.
+    target_modules: Any = "all-linear"
+    include_lm_head: bool = False
+    bias: str = "none"
+    modules_to_save: Optional[list] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # Where rows come from: a Hub dataset id, "ftexp:<generator>" for data ftexp makes
+    # itself, or null when only ``path`` is used.
+    source: Optional[str] = None
+    hub_config: Optional[str] = None  # the Hub dataset's configuration name
+    path: Optional[str] = None  # local file or folder; overrides ``source``
+    format: Optional[str] = None  # csv | tsv | json | jsonl | parquet; null = from the suffix
+    train_split: str = "train"
+    eval_split: str = "validation"
+    # Local file names per split (inside ``path`` when it is a folder).
+    files: dict = field(default_factory=dict)
+    # canonical field -> column in the source. Templates use the canonical names.
+    columns: dict = field(default_factory=dict)
+    # Split a single table into train/eval with this eval fraction (null = use eval_split).
+    eval_fraction: Optional[float] = None
+    seed: int = 0  # subset/shuffle seed (nested subsets: small n is a prefix of large n)
+    generator: dict = field(default_factory=dict)  # options of an "ftexp:" generator
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    stop: list = field(default_factory=list)  # stop strings, cut from the output
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    kind: str = MISSING  # classification | summarization | qa | scoring
+    template: str = MISSING  # prompt, with {field} placeholders
+    system_prompt: Optional[str] = None
+    # How the system prompt and the user text are wrapped when the tokenizer has no
+    # chat template (and always for models without one): {system} and {user}.
+    prompt_layout: str = "{user}"
+    prompt_layout_system: Optional[str] = None
+    completion_template: str = " {target}"  # the trained answer; EOS is appended
+    target: str = "target"  # canonical field holding the answer
+    labels: dict = field(default_factory=dict)  # classification: raw label -> word
+    references: list = field(default_factory=list)  # summarization: extra reference fields
+    fields: list = field(default_factory=list)  # scoring: named numbers in the output
+    too_long_factor: float = 3.0  # qa error analysis: longer than k x the reference
+    shot_template: Optional[str] = None  # one solved example in a k-shot prompt
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class TrainConfig:
+    n: Optional[int] = None  # training rows (seeded nested subset); null = the whole split
+    epochs: Optional[float] = 1.0
+    max_steps: Optional[int] = None  # overrides epochs when set
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    truncation: str = "keep_start"  # keep_start | keep_end (cut from the left)
+    seed: int = 42
+    optimizer: str = "adamw_torch"
+    scheduler: str = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    logging_steps: int = 5
+    group_by_length: bool = True  # batches of similar length: less padding
+    save_model: bool = True
+
+
+@dataclass
+class EvalConfig:
+    n: Optional[int] = None  # cap on eval rows (fixed order, independent of train.seed)
+    batch_size: int = 32
+    method: str = "generate"  # generate | likelihood | both
+    shots: int = 0  # k solved train examples in the prompt (prompting baselines)
+    seed: int = 0
+    enabled: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "ftexp"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+    mode: Optional[str] = None  # online | offline; null = offline without an API key
+    log_predictions: int = 50  # rows of predictions logged as a W&B Table
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    objective: str = "eval/accuracy"
+    output_dir: Optional[str] = None  # null = Hydra's run directory
+    run_name: Optional[str] = None
+    run: Optional[str] = None  # evaluate.py: a trained run directory to re-evaluate
+    device: str = "auto"  # auto | cpu | cuda
+
+
+def register_configs() -> None:
+    """Put the schema into Hydra's ConfigStore; config.yaml lists it first."""
+    cs = ConfigStore.instance()
+    cs.store(name="ftexp_schema", node=RunConfig)
+
+
+# --------------------------------------------------------------------------- rules
+
+TASK_KINDS = ("classification", "summarization", "qa", "scoring")
+EVAL_METHODS = ("generate", "likelihood", "both")
+QUANT_MODES = ("none", "int8", "nf4")
+
+
+def check_quantization_trains_adapters(cfg: DictConfig) -> None:
+    if cfg.quant.name != "none" and not cfg.lora.enabled:
+        raise ConfigError(
+            f"quant={cfg.quant.name} with lora={cfg.lora.name}: a quantized model cannot be fully "
+            "fine-tuned (QLoRA trains adapters only). Pick an adapter, e.g. lora=default, or quant=none."
+        )
+
+
+def check_one_quantization(cfg: DictConfig) -> None:
+    if cfg.quant.load_in_8bit and cfg.quant.load_in_4bit:
+        raise ConfigError(
+            "quant.load_in_8bit and quant.load_in_4bit are both true: int8 and nf4 are exclusive. "
+            "Use quant=int8 or quant=nf4."
+        )
+    if cfg.quant.name not in QUANT_MODES:
+        raise ConfigError(f"quant.name={cfg.quant.name!r}; valid: {', '.join(QUANT_MODES)}")
+
+
+def check_train_n_positive(cfg: DictConfig) -> None:
+    if cfg.train.n is not None and cfg.train.n < 1:
+        raise ConfigError(f"train.n={cfg.train.n}: need at least 1 row, or train.n=null for the whole split.")
+    if cfg.eval.n is not None and cfg.eval.n < 1:
+        raise ConfigError(f"eval.n={cfg.eval.n}: need at least 1 row, or eval.n=null for the whole split.")
+
+
+def check_stop_condition(cfg: DictConfig) -> None:
+    epochs, steps = cfg.train.epochs, cfg.train.max_steps
+    if (epochs is None or epochs <= 0) and (steps is None or steps <= 0):
+        raise ConfigError(
+            "Neither train.epochs nor train.max_steps is set: a run needs a stop condition, "
+            "e.g. train.epochs=1 or train.max_steps=100."
+        )
+
+
+def check_task_kind(cfg: DictConfig) -> None:
+    if cfg.task.kind not in TASK_KINDS:
+        raise ConfigError(f"task.kind={cfg.task.kind!r}; valid: {', '.join(TASK_KINDS)}")
+    if cfg.eval.method not in EVAL_METHODS:
+        raise ConfigError(f"eval.method={cfg.eval.method!r}; valid: {', '.join(EVAL_METHODS)}")
+    if cfg.eval.method != "generate" and cfg.task.kind != "classification":
+        raise ConfigError(
+            f"eval.method={cfg.eval.method} scores label words, so it needs task.kind=classification "
+            f"(this run's task is {cfg.task.kind}). Use eval.method=generate."
+        )
+
+
+def check_classification_labels(cfg: DictConfig) -> None:
+    if cfg.task.kind == "classification":
+        if len(cfg.task.labels) < 2:
+            raise ConfigError("task.labels needs at least two label -> word entries for classification.")
+        words = [str(w).strip() for w in cfg.task.labels.values()]
+        if any(not w for w in words):
+            raise ConfigError(f"task.labels has an empty label word: {dict(cfg.task.labels)}. Give every label a word.")
+        if len(set(w.lower() for w in words)) != len(words):
+            raise ConfigError(f"task.labels maps two labels to the same word: {dict(cfg.task.labels)}.")
+
+
+def check_precision(cfg: DictConfig) -> None:
+    if cfg.train.bf16 and cfg.train.fp16:
+        raise ConfigError("train.bf16 and train.fp16 are both true: pick one.")
+    if cfg.train.truncation not in ("keep_start", "keep_end"):
+        raise ConfigError(f"train.truncation={cfg.train.truncation!r}; valid: keep_start, keep_end")
+
+
+def check_arch(cfg: DictConfig) -> None:
+    if cfg.model.arch not in ("causal", "seq2seq"):
+        raise ConfigError(f"model.arch={cfg.model.arch!r}; valid: causal, seq2seq")
+
+
+def check_shots(cfg: DictConfig) -> None:
+    if cfg.eval.shots < 0:
+        raise ConfigError(f"eval.shots={cfg.eval.shots}: must be 0 (zero-shot) or more.")
+
+
+RULES = (
+    check_quantization_trains_adapters,
+    check_one_quantization,
+    check_train_n_positive,
+    check_stop_condition,
+    check_task_kind,
+    check_classification_labels,
+    check_precision,
+    check_arch,
+    check_shots,
+)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Apply every cross-group rule; raise ConfigError on the first broken one."""
+    for rule in RULES:
+        rule(cfg)
+    return cfg

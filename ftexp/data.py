@@ -1,0 +1,162 @@
+"""Data: loading (Hub id, local files, or ftexp's own generators), column mapping,
+splits, and seeded nested subsets.
+
+``load_splits(cfg.data)`` returns ``{"train": Dataset, "eval": Dataset}`` whose
+columns are the canonical names of ``data.columns`` (plus any others the source had).
+``subset(ds, n, seed)`` takes a seeded prefix of one fixed permutation, so a smaller
+n is always a prefix of a larger n: learning curves compare nested training sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+
+from ftexp import synthetic
+from ftexp.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _read_file(path: Path, fmt: str | None) -> Dataset:
+    fmt = fmt or FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"data.path: cannot tell the format of {path}; set data.format to one of csv, tsv, json, jsonl, parquet.")
+    if fmt == "tsv":
+        # GLUE TSVs hold quotes and backticks verbatim: read without quote handling so
+        # no row is merged with the next one.
+        import pandas as pd
+        import csv
+        frame = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, dtype=str)
+        for col in frame.columns:  # numeric columns (labels) back to numbers
+            try:
+                frame[col] = pd.to_numeric(frame[col])
+            except (ValueError, TypeError):
+                pass
+        return Dataset.from_pandas(frame, preserve_index=False)
+    builder = "json" if fmt == "jsonl" else fmt
+    return _load_builder(builder, str(path))
+
+
+def _load_builder(builder: str, path: str) -> Dataset:
+    from datasets import load_dataset
+    return load_dataset(builder, data_files=path, split="train")
+
+
+def _find_split_file(folder: Path, split: str, files: dict) -> Path:
+    if split in files:
+        candidate = folder / files[split]
+        if candidate.exists():
+            return candidate
+    for suffix in FORMATS:
+        candidate = folder / f"{split}{suffix}"
+        if candidate.exists():
+            return candidate
+    found = sorted(p.name for p in folder.iterdir())
+    expected = files.get(split, f"{split}.<csv|tsv|json|jsonl|parquet>")
+    raise ConfigError(
+        f"data.path={folder}: no file for split '{split}' (expected {expected}). Files found: {found}. "
+        f"Set data.files.{split}=<file name>."
+    )
+
+
+def _load_local(dcfg) -> DatasetDict:
+    path = Path(os.path.expanduser(str(dcfg.path)))
+    if not path.exists():
+        raise ConfigError(f"data.path={dcfg.path} does not exist. Point data.path at a file or a folder of split files.")
+    files = dict(dcfg.files or {})
+    if path.is_file():
+        table = _read_file(path, dcfg.format)
+        return DatasetDict({dcfg.train_split: table})
+    splits = {}
+    for split in (dcfg.train_split, dcfg.eval_split):
+        splits[split] = _read_file(_find_split_file(path, split, files), dcfg.format)
+    return DatasetDict(splits)
+
+
+def _load_hub(dcfg) -> DatasetDict:
+    from datasets import load_dataset
+    try:
+        return load_dataset(dcfg.source, dcfg.hub_config)
+    except Exception as err:  # network, gated repo, or unknown id
+        raise ConfigError(
+            f"data.source={dcfg.source}: could not load from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "Check the id and your network/login, or use local files with data.path=<folder>."
+        ) from err
+
+
+def load_raw(dcfg) -> DatasetDict:
+    if dcfg.path:
+        return _load_local(dcfg)
+    if dcfg.source and str(dcfg.source).startswith("ftexp:"):
+        name = str(dcfg.source).split(":", 1)[1]
+        if name not in synthetic.GENERATORS:
+            raise ConfigError(f"data.source={dcfg.source}: unknown generator; valid: {', '.join('ftexp:' + g for g in synthetic.GENERATORS)}")
+        return synthetic.GENERATORS[name](**dict(dcfg.generator or {}))
+    if dcfg.source:
+        return _load_hub(dcfg)
+    raise ConfigError(f"data={dcfg.name}: neither data.source nor data.path is set. Give data.path=<file or folder>.")
+
+
+def map_columns(ds: Dataset, columns: dict, where: str) -> Dataset:
+    """Rename source columns to canonical names; a missing column names those found."""
+    missing = {canon: src for canon, src in columns.items() if src not in ds.column_names}
+    if missing:
+        desc = ", ".join(f"data.columns.{c}={s!r}" for c, s in missing.items())
+        raise ConfigError(
+            f"{where}: column(s) not found: {desc}. Columns found: {ds.column_names}. "
+            "Map them with data.columns.<field>=<column>."
+        )
+    for canon, src in columns.items():
+        if src == canon:
+            continue
+        values = ds[src]
+        if canon in ds.column_names:
+            ds = ds.remove_columns(canon)
+        ds = ds.add_column(canon, values)
+    return ds
+
+
+def load_splits(dcfg) -> dict[str, Dataset]:
+    """Load the train and eval splits with canonical column names."""
+    raw = load_raw(dcfg)
+    if dcfg.train_split not in raw:
+        raise ConfigError(f"data.train_split={dcfg.train_split!r} not found; splits: {list(raw)}")
+    train = raw[dcfg.train_split]
+    if dcfg.eval_fraction:
+        parts = train.train_test_split(test_size=float(dcfg.eval_fraction), seed=int(dcfg.seed))
+        train, evaluation = parts["train"], parts["test"]
+    elif dcfg.eval_split in raw:
+        evaluation = raw[dcfg.eval_split]
+    else:
+        raise ConfigError(
+            f"data.eval_split={dcfg.eval_split!r} not found; splits: {list(raw)}. "
+            "Name one with data.eval_split=<split> or carve one out with data.eval_fraction=0.1."
+        )
+    columns = dict(dcfg.columns or {})
+    return {
+        "train": map_columns(train, columns, f"data={dcfg.name} split {dcfg.train_split}"),
+        "eval": map_columns(evaluation, columns, f"data={dcfg.name} split {dcfg.eval_split}"),
+    }
+
+
+def subset(ds: Dataset, n: int | None, seed: int, *, key: str) -> Dataset:
+    """The first ``n`` rows of a permutation fixed by ``seed``; n=None keeps every row.
+
+    Asking for more rows than the split holds is refused (not clamped), so a
+    results table never labels a run with a size it did not train on.
+    """
+    if n is None:
+        return ds
+    if n > len(ds):
+        raise ConfigError(
+            f"{key}={n} but the split has only {len(ds):,} rows. Use {key}<={len(ds)}, or {key}=null for all of them."
+        )
+    import numpy as np
+    order = np.random.default_rng(seed).permutation(len(ds))[:n]
+    return ds.select(order.tolist())

@@ -1,0 +1,91 @@
+"""What every task kind shares: turning a record into prompt/completion text, the
+k-shot prompt, and the chat-template-or-layout wrapping.
+
+A task kind subclasses ``Task`` and supplies ``target_text`` (the trained answer)
+and ``score`` (predictions -> flat metrics + one row per example).
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any, Sequence
+
+
+class _Fields(dict):
+    def __missing__(self, key):  # a template field the record does not have
+        raise KeyError(key)
+
+
+def fill(template: str, record: dict, where: str) -> str:
+    try:
+        return string.Formatter().vformat(template, (), _Fields(record))
+    except KeyError as err:
+        fields = sorted(k for k in record if not k.startswith("_"))
+        raise KeyError(
+            f"{where} uses the field {{{err.args[0]}}}, which the data does not have. Fields found: {fields}. "
+            "Map it with data.columns.<field>=<column> or change the template."
+        ) from None
+
+
+class Task:
+    kind = "base"
+    objective_default = "eval/accuracy"
+
+    def __init__(self, tcfg, *, tokenizer=None, use_chat_template: bool | None = None):
+        self.cfg = tcfg
+        self.tokenizer = tokenizer
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = has_template if use_chat_template is None else (use_chat_template and has_template)
+
+    # -- pieces a kind defines ------------------------------------------------
+    def target_text(self, record: dict) -> str:
+        """The answer the model is trained to produce (no leading space, no EOS)."""
+        return str(record[self.cfg.target])
+
+    def reference(self, record: dict) -> Any:
+        return self.target_text(record)
+
+    def score(self, predictions: Sequence[str], records: Sequence[dict]) -> tuple[dict, list[dict]]:
+        raise NotImplementedError
+
+    # -- text building ----------------------------------------------------------
+    def user_text(self, record: dict, shots: Sequence[dict] = ()) -> str:
+        question = fill(self.cfg.template, record, "task.template")
+        if not shots:
+            return question
+        solved = [self.shot_text(s) for s in shots]
+        return "\n\n".join([*solved, question])
+
+    def shot_text(self, record: dict) -> str:
+        if self.cfg.shot_template:
+            return fill(self.cfg.shot_template, {**record, "target": self.target_text(record)}, "task.shot_template")
+        return fill(self.cfg.template, record, "task.template") + self.completion(record)
+
+    def prompt(self, record: dict, shots: Sequence[dict] = ()) -> str:
+        """The full prompt string the model sees, before any completion."""
+        user = self.user_text(record, shots)
+        system = self.cfg.system_prompt
+        if self.use_chat_template:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            bos = self.tokenizer.bos_token
+            if bos and text.startswith(bos):  # the tokenizer adds BOS itself when encoding
+                text = text[len(bos):]
+            return text
+        if system and self.cfg.prompt_layout_system:
+            return fill(self.cfg.prompt_layout_system, {"system": system, "user": user}, "task.prompt_layout_system")
+        return fill(self.cfg.prompt_layout, {"user": user, "system": system or ""}, "task.prompt_layout")
+
+    def completion(self, record: dict) -> str:
+        return fill(self.cfg.completion_template, {**record, "target": self.target_text(record)},
+                    "task.completion_template")
+
+    def to_prompt_completion(self, record: dict) -> dict:
+        return {"prompt": self.prompt(record), "completion": self.completion(record)}
+
+    def clean_prediction(self, text: str) -> str:
+        """Cut the generated text at the first stop string."""
+        for stop in self.cfg.generation.stop or ():
+            if stop and stop in text:
+                text = text[: text.index(stop)]
+        return text.strip()

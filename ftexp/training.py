@@ -1,0 +1,148 @@
+"""Trainer construction and the training loop's bookkeeping.
+
+Decoder-only models train with TRL's SFTTrainer on prompt/completion records, so
+the loss covers completion tokens only (TRL builds the mask). Encoder-decoder
+models train with transformers' Seq2SeqTrainer: the prompt feeds the encoder and
+the completion is the labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+log = logging.getLogger(__name__)
+
+
+class LossLog(TrainerCallback):
+    """Append every logging step's record to ``train_log.jsonl`` and keep the losses."""
+
+    def __init__(self, path: Path, on_log=None):
+        self.path = path
+        self.losses: list[float] = []
+        self.on_log_fn = on_log
+        path.write_text("")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        self.losses.append(float(logs["loss"]))
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.on_log_fn:
+            self.on_log_fn(row)
+        if state.global_step == 1 or state.global_step % (args.logging_steps * 10) == 0 or state.global_step == state.max_steps:
+            log.info("step %d/%d  epoch %.2f  loss %.4f", state.global_step, state.max_steps, state.epoch or 0, logs["loss"])
+
+
+def common_args(cfg, out_dir: Path, device: str, report_to: list[str]) -> dict:
+    t = cfg.train
+    return dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=float(t.epochs or 1.0),
+        max_steps=t.max_steps if t.max_steps else -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps,
+        optim=t.optimizer,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=report_to,
+        run_name=cfg.run_name,
+        use_cpu=device == "cpu",
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        dataloader_pin_memory=device == "cuda",
+    )
+
+
+def build_sft_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to, callbacks):
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        **common_args(cfg, out_dir, device, report_to),
+        completion_only_loss=True,
+        max_length=cfg.train.max_length,
+        truncation_mode=cfg.train.truncation,
+        pad_token=tokenizer.pad_token,
+        eos_token=tokenizer.eos_token,
+    )
+    return SFTTrainer(model=model, args=args, train_dataset=train_records, processing_class=tokenizer,
+                      callbacks=callbacks)
+
+
+def tokenize_seq2seq(records, tokenizer, max_length: int, truncation: str):
+    """Encoder input = prompt, labels = completion (+EOS from the tokenizer)."""
+    side = "left" if truncation == "keep_end" else "right"
+
+    def encode(batch):
+        tokenizer.truncation_side = side
+        enc = tokenizer(batch["prompt"], truncation=True, max_length=max_length)
+        tokenizer.truncation_side = "right"
+        enc["labels"] = tokenizer(text_target=[c.strip() for c in batch["completion"]], truncation=True,
+                                  max_length=max_length)["input_ids"]
+        return enc
+
+    return records.map(encode, batched=True, remove_columns=records.column_names)
+
+
+def build_seq2seq_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to, callbacks):
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    args = Seq2SeqTrainingArguments(**common_args(cfg, out_dir, device, report_to), remove_unused_columns=False)
+    data = tokenize_seq2seq(train_records, tokenizer, cfg.train.max_length, cfg.train.truncation)
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    return Seq2SeqTrainer(model=model, args=args, train_dataset=data, data_collator=collator,
+                          processing_class=tokenizer, callbacks=callbacks)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, report_to=(), on_log=None) -> dict:
+    """Fit ``model`` on prompt/completion ``train_records``; return train/* metrics."""
+    loss_log = LossLog(run_dir / "train_log.jsonl", on_log)
+    build = build_seq2seq_trainer if cfg.model.arch == "seq2seq" else build_sft_trainer
+    trainer = build(cfg, model, tokenizer, train_records, run_dir / "checkpoints", device, list(report_to), [loss_log])
+    trainer.remove_callback(PrinterCallback)  # LossLog reports progress instead of raw dicts
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = trainer.train()
+    runtime = time.perf_counter() - start
+    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    losses = loss_log.losses or [float(result.training_loss)]
+    metrics = {
+        "train/loss_first": losses[0],
+        "train/loss_last": losses[-1],
+        "train/loss_mean": float(result.training_loss),
+        "train/steps": int(trainer.state.global_step),
+        "train/samples": len(train_records),
+        "train/runtime_s": runtime,
+        "train/tokens": tokens,
+        "train/tokens_per_s": tokens / runtime if runtime > 0 else 0.0,
+        "train/peak_memory_mb": peak_memory_mb(device),
+    }
+    return {"metrics": metrics, "trainer": trainer}

@@ -1,0 +1,26 @@
+"""Fine-tune and evaluate one run (or, with -m, a sweep of runs).
+
+    python train.py                                    # offline default
+    python train.py model=llama2_13b quant=nf4 data=sst2 train.n=100
+    python train.py -m +sweep=sst2_study model=tiny    # see sweeps/
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from ftexp.cli import objective_value, run_guarded
+from ftexp.config import register_configs
+
+register_configs()
+
+
+@hydra.main(config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from ftexp.recipes import finetune
+
+    metrics = run_guarded(finetune, cfg)
+    return objective_value(metrics, cfg.objective)
+
+
+if __name__ == "__main__":
+    main()
