@@ -128,6 +128,11 @@ class TaskConfig:
     references: list = field(default_factory=list)  # summarization: extra reference fields
     fields: list = field(default_factory=list)  # scoring: named numbers in the output
     too_long_factor: float = 3.0  # qa error analysis: longer than k x the reference
+    # field -> template used instead of ``template`` when the record's field is empty
+    # (Alpaca's no-input prompt); qa tasks.
+    template_when_empty: dict = field(default_factory=dict)
+    # The metric this task kind is judged by; config.yaml's ``objective`` defaults to it.
+    objective: str = "eval/accuracy"
     shot_template: Optional[str] = None  # one solved example in a k-shot prompt
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
