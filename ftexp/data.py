@@ -69,6 +69,8 @@ def _load_local(dcfg) -> DatasetDict:
     path = Path(os.path.expanduser(str(dcfg.path)))
     if not path.exists():
         raise ConfigError(f"data.path={dcfg.path} does not exist. Point data.path at a file or a folder of split files.")
+    if dcfg.format in FOLDER_LOADERS:  # several files merged into one table
+        return DatasetDict({dcfg.train_split: FOLDER_LOADERS[dcfg.format](path)})
     files = dict(dcfg.files or {})
     if path.is_file():
         table = _read_file(path, dcfg.format)
@@ -77,6 +79,39 @@ def _load_local(dcfg) -> DatasetDict:
     for split in (dcfg.train_split, dcfg.eval_split):
         splits[split] = _read_file(_find_split_file(path, split, files), dcfg.format)
     return DatasetDict(splits)
+
+
+def load_commonlit(folder: Path) -> Dataset:
+    """CommonLit "Evaluate Student Summaries" as the competition ships it: each row of
+    ``summaries_train.csv`` (student_id, prompt_id, text, content, wording) joined with
+    its prompt from ``prompts_train.csv`` (prompt_id, prompt_question, prompt_title,
+    prompt_text) on ``prompt_id``. One table; ``data.eval_fraction`` splits it."""
+    import pandas as pd
+
+    if not folder.is_dir():
+        raise ConfigError(f"data.path={folder}: data.format=commonlit needs the folder holding prompts_train.csv "
+                          "and summaries_train.csv.")
+    tables = {}
+    for name, needed in (("prompts_train.csv", {"prompt_id"}), ("summaries_train.csv", {"prompt_id", "text"})):
+        file = folder / name
+        if not file.exists():
+            raise ConfigError(f"data.path={folder}: {name} is missing (found {sorted(p.name for p in folder.iterdir())}). "
+                              "Unpack the competition's files there.")
+        tables[name] = pd.read_csv(file, keep_default_na=False)
+        missing = needed - set(tables[name].columns)
+        if missing:
+            raise ConfigError(f"data.path={folder}: {name} lacks column(s) {sorted(missing)}.")
+    prompts, summaries = tables["prompts_train.csv"], tables["summaries_train.csv"]
+    orphans = sorted(set(summaries["prompt_id"]) - set(prompts["prompt_id"]))
+    if orphans:
+        raise ConfigError(f"data.path={folder}: summaries_train.csv refers to prompt_id(s) {orphans[:5]} that "
+                          "prompts_train.csv does not have.")
+    merged = summaries.merge(prompts, on="prompt_id", how="left", validate="many_to_one")
+    return Dataset.from_pandas(merged, preserve_index=False)
+
+
+# data.format values that read a folder of several files into one table
+FOLDER_LOADERS = {"commonlit": load_commonlit}
 
 
 def _load_hub(dcfg) -> DatasetDict:

@@ -1,10 +1,36 @@
-"""Metrics. Classification scores here; the evaluate-library modules shipped with
-ftexp (loaded by path, never from the Hub) live beside this file.
+"""Metrics through the ``evaluate`` library's API, from modules shipped with ftexp.
+
+``evaluate.load("rouge")`` fetches the metric's code from the Hugging Face Hub and
+fails offline, so ftexp keeps its own metric modules beside this file (one folder
+per metric: ``rouge``, ``accuracy``, ``f1``, ``exact_match``, ``token_f1``) and loads
+them by path with ``load_metric(name)``. Their numbers equal the reference
+implementations (rouge_score, scikit-learn) on the same inputs; tests check that.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
+
+METRICS_DIR = Path(__file__).resolve().parent
+METRIC_NAMES = ("rouge", "accuracy", "f1", "exact_match", "token_f1")
+
+
+def metric_path(name: str) -> Path:
+    path = METRICS_DIR / name / f"{name}.py"
+    if name not in METRIC_NAMES or not path.exists():
+        raise ValueError(f"unknown metric {name!r}; ftexp ships: {', '.join(METRIC_NAMES)}")
+    return path
+
+
+def load_metric(name: str):
+    """The ``evaluate`` metric ``name`` from ftexp's own modules (never the Hub).
+
+    Kept in memory: no cache files, so parallel runs never contend for a lock.
+    """
+    import evaluate
+
+    return evaluate.load(str(metric_path(name).parent), keep_in_memory=True)
 
 
 def classification_scores(parsed: Sequence[int | None], gold: Sequence[int], *, num_labels: int,
@@ -14,12 +40,12 @@ def classification_scores(parsed: Sequence[int | None], gold: Sequence[int], *, 
     Binary tasks report F1 of the second label (SST-2: "positive"); more labels
     report macro F1 over the real labels.
     """
-    from sklearn.metrics import accuracy_score, f1_score
-
     pred = [-1 if p is None else int(p) for p in parsed]
     gold = [int(g) for g in gold]
-    if num_labels == 2:
-        f1 = f1_score(gold, pred, labels=[1], average="macro", zero_division=0)
-    else:
-        f1 = f1_score(gold, pred, labels=list(range(num_labels)), average="macro", zero_division=0)
-    return {f"{prefix}accuracy": float(accuracy_score(gold, pred)), f"{prefix}f1": float(f1), f"{prefix}n": len(gold)}
+    if not gold:
+        return {f"{prefix}accuracy": 0.0, f"{prefix}f1": 0.0, f"{prefix}n": 0}
+    labels = [1] if num_labels == 2 else list(range(num_labels))
+    accuracy = load_metric("accuracy").compute(predictions=pred, references=gold)["accuracy"]
+    f1 = load_metric("f1").compute(predictions=pred, references=gold, labels=labels, average="macro",
+                                   zero_division=0)["f1"]
+    return {f"{prefix}accuracy": float(accuracy), f"{prefix}f1": float(f1), f"{prefix}n": len(gold)}
