@@ -1,15 +1,20 @@
-"""Batched evaluation: greedy (or configured) generation with left padding, and
-label log-likelihood scoring for classification. Prompts are sorted by length
-before batching so a batch pads to similar lengths, then put back in order.
+"""Batched evaluation: generation with left padding (greedy unless the task's
+generation config samples), label log-likelihood scoring for classification, and
+k-shot prompts. Prompts are sorted by length before batching so a batch pads to
+similar lengths, then put back in order; the prediction is only the text generated
+after the prompt, cut at EOS or at the first stop string.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+
+from ftexp.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -26,27 +31,46 @@ def _model_device(model):
         return torch.device("cpu")
 
 
+def _eos_ids(model, tokenizer) -> list[int]:
+    """EOS ids from the tokenizer and the model's generation config (chat models may
+    end a turn with a token of their own)."""
+    ids = []
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        for i in (source if isinstance(source, (list, tuple)) else [source]):
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int = 16, max_length: int | None = None,
              seed: int = 0) -> list[str]:
-    """Generate a completion per prompt; returns only the text after the prompt."""
+    """Generate a completion per prompt; returns only the text after the prompt.
+
+    ``max_length`` caps the prompt at its last ``max_length`` tokens (the end of a
+    prompt carries the question); None keeps it whole.
+    """
     model.eval()
     device = _model_device(model)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    old_side = tokenizer.padding_side
+    old_side, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = "right" if seq2seq else "left"
+    tokenizer.truncation_side = "left"
     lengths = [len(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     outputs: list[str] = [""] * len(prompts)
+    eos = _eos_ids(model, tokenizer)
     kwargs = dict(max_new_tokens=gcfg.max_new_tokens, do_sample=gcfg.do_sample, num_beams=gcfg.num_beams,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos if len(eos) > 1 else eos[0])
     if gcfg.do_sample:
         kwargs.update(temperature=gcfg.temperature, top_p=gcfg.top_p)
+    else:  # greedy: silence a model's own sampling defaults
+        kwargs.update(temperature=None, top_p=None, top_k=None)
     if gcfg.stop:
         kwargs.update(stop_strings=list(gcfg.stop), tokenizer=tokenizer)
     torch.manual_seed(seed)
     try:
-        for idx in _batches(order, batch_size):
+        for idx in _batches(order, max(1, batch_size)):
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                             truncation=max_length is not None, max_length=max_length).to(device)
             out = model.generate(**enc, **kwargs)
@@ -54,8 +78,32 @@ def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int 
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 outputs[i] = text
     finally:
-        tokenizer.padding_side = old_side
+        tokenizer.padding_side, tokenizer.truncation_side = old_side, old_trunc
     return outputs
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def option_token_ids(tokenizer, options: Sequence[str], seq2seq: bool = False) -> list[list[int]]:
+    """Token ids each option adds after a prompt. The option is encoded after a
+    stand-in character so a leading space is tokenized as it is in prompt+answer."""
+    ids = []
+    for opt in options:
+        if seq2seq:
+            tok = tokenizer(text_target=opt.strip(), add_special_tokens=False)["input_ids"]
+        else:
+            stub = len(tokenizer("x", add_special_tokens=False)["input_ids"])
+            tok = tokenizer("x" + opt, add_special_tokens=False)["input_ids"][stub:]
+        if not tok:
+            raise ConfigError(f"task.labels: the option {opt!r} encodes to no tokens; give every label a word.")
+        ids.append(tok)
+    return ids
 
 
 @torch.no_grad()
@@ -63,8 +111,11 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[s
                    max_length: int | None = None) -> torch.Tensor:
     """Summed log-probability of each option's tokens after each prompt: (len(prompts), len(options)).
 
-    One forward pass per batch of prompt x option sequences; a multi-token option
-    sums over its tokens.
+    Batched forward passes with left padding (explicit position ids, so padding never
+    shifts positions). When every option is one token, one pass per prompt reads all
+    of them from the next-token distribution; otherwise each prompt x option pair is
+    a sequence and a multi-token option sums over its tokens. Only the logits that
+    are read are computed where the model allows it.
     """
     model.eval()
     device = _model_device(model)
@@ -72,46 +123,60 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[s
     prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     if max_length:
         prompt_ids = [ids[-max_length:] for ids in prompt_ids]
+    option_ids = option_token_ids(tokenizer, options, seq2seq)
     scores = torch.zeros(len(prompts), len(options))
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
-    option_ids = []
-    for opt in options:
-        if seq2seq:
-            ids = tokenizer(text_target=opt.strip(), add_special_tokens=False)["input_ids"]
-        else:
-            # tokens the option adds after the prompt (so merges at the boundary are honoured)
-            ids = tokenizer("x" + opt, add_special_tokens=False)["input_ids"][len(tokenizer("x", add_special_tokens=False)["input_ids"]):]
-        option_ids.append(ids)
-    pairs.sort(key=lambda ij: -(len(prompt_ids[ij[0]]) + len(option_ids[ij[1]])))
-    pad = tokenizer.pad_token_id
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        if seq2seq:
-            enc = [prompt_ids[i] for i, _ in chunk]
-            dec = [option_ids[j] for _, j in chunk]
-            L, D = max(map(len, enc)), max(map(len, dec))
-            input_ids = torch.tensor([e + [pad] * (L - len(e)) for e in enc], device=device)
-            attn = torch.tensor([[1] * len(e) + [0] * (L - len(e)) for e in enc], device=device)
-            labels = torch.tensor([d + [-100] * (D - len(d)) for d in dec], device=device)
-            logits = model(input_ids=input_ids, attention_mask=attn, labels=labels).logits.float()
-            logp = torch.log_softmax(logits, -1)
-            for row, (i, j) in enumerate(chunk):
-                n = len(option_ids[j])
-                tok = torch.tensor(option_ids[j], device=device)
-                scores[i, j] = logp[row, torch.arange(n, device=device), tok].sum().cpu()
-            continue
-        seqs = [prompt_ids[i] + option_ids[j] for i, j in chunk]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if seq2seq:
+        return _seq2seq_logprobs(model, prompt_ids, option_ids, scores, pad, batch_size, device)
+    keep = {"logits_to_keep": 0} if _accepts_logits_to_keep(model) else None
+
+    def forward(seqs: list[list[int]], last: int) -> torch.Tensor:
+        """Log-probs of the next token at the last ``last`` positions: (batch, last, vocab)."""
         L = max(map(len, seqs))
-        input_ids = torch.tensor([[pad] * (L - len(s)) + s for s in seqs], device=device)  # left padding
+        input_ids = torch.tensor([[pad] * (L - len(s)) + s for s in seqs], device=device)
         attn = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=device)
-        positions_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=positions_ids).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1)
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": last} if keep is not None else {}
+        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, **extra).logits
+        return torch.log_softmax(logits[:, -last:].float(), -1)
+
+    if all(len(ids) == 1 for ids in option_ids):
+        first = torch.tensor([ids[0] for ids in option_ids])
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
+        for idx in _batches(order, max(1, batch_size)):
+            logp = forward([prompt_ids[i] for i in idx], 1)[:, -1].cpu()
+            scores[idx] = logp[:, first]
+        return scores
+
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
+    pairs.sort(key=lambda ij: -(len(prompt_ids[ij[0]]) + len(option_ids[ij[1]])))
+    for chunk in _batches(pairs, max(1, batch_size)):
+        width = max(len(option_ids[j]) for _, j in chunk)
+        # position p predicts token p+1: the option's n tokens are read at the n
+        # positions before the last one
+        logp = forward([prompt_ids[i] + option_ids[j] for i, j in chunk], width + 1).cpu()
         for row, (i, j) in enumerate(chunk):
             n = len(option_ids[j])
-            positions = torch.arange(L - n - 1, L - 1, device=device)
-            tok = torch.tensor(option_ids[j], device=device)
-            scores[i, j] = logp[row, positions, tok].sum().cpu()
+            positions = torch.arange(width - n, width)
+            scores[i, j] = logp[row, positions, torch.tensor(option_ids[j])].sum()
+    return scores
+
+
+def _seq2seq_logprobs(model, prompt_ids, option_ids, scores, pad, batch_size, device):
+    pairs = [(i, j) for i in range(len(prompt_ids)) for j in range(len(option_ids))]
+    pairs.sort(key=lambda ij: -len(prompt_ids[ij[0]]))
+    for chunk in _batches(pairs, max(1, batch_size)):
+        enc = [prompt_ids[i] for i, _ in chunk]
+        dec = [option_ids[j] for _, j in chunk]
+        L, D = max(map(len, enc)), max(map(len, dec))
+        input_ids = torch.tensor([e + [pad] * (L - len(e)) for e in enc], device=device)
+        attn = torch.tensor([[1] * len(e) + [0] * (L - len(e)) for e in enc], device=device)
+        labels = torch.tensor([d + [-100] * (D - len(d)) for d in dec], device=device)
+        logits = model(input_ids=input_ids, attention_mask=attn, labels=labels).logits.float()
+        logp = torch.log_softmax(logits, -1).cpu()
+        for row, (i, j) in enumerate(chunk):
+            n = len(option_ids[j])
+            scores[i, j] = logp[row, torch.arange(n), torch.tensor(option_ids[j])].sum()
     return scores
 
 
@@ -121,21 +186,59 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def pick_shots(pool, k: int, seed: int, exclude_texts=()) -> list[dict]:
-    """k fixed solved examples from the train split (a seeded draw, same for every prompt)."""
-    if k == 0:
-        return []
-    import numpy as np
+class ShotPicker:
+    """k solved examples from the train split for k-shot prompts.
 
-    order = np.random.default_rng(seed).permutation(len(pool)).tolist()
-    shots = []
-    for i in order:
-        if len(shots) == k:
-            break
-        shots.append(dict(pool[int(i)]))
-    if len(shots) < k:
-        raise ValueError(f"eval.shots={k} but the train split has only {len(pool)} rows.")
-    return shots
+    One seeded permutation of the pool fixes the shots: every prompt gets the first k
+    rows of it, except that a row equal to the evaluated example (same prompt text)
+    is skipped and the next one takes its place. So a prompt holds exactly k examples
+    and never the one under evaluation.
+    """
+
+    def __init__(self, pool, seed: int):
+        import numpy as np
+
+        self.pool = pool
+        self.order = np.random.default_rng(seed).permutation(len(pool)).tolist() if pool is not None else []
+        self._rows: list[dict] = []
+
+    def _row(self, pos: int) -> dict:
+        while len(self._rows) <= pos:
+            self._rows.append(dict(self.pool[int(self.order[len(self._rows)])]))
+        return self._rows[pos]
+
+    def pick(self, k: int, exclude: Callable[[dict], bool] = lambda row: False) -> list[dict]:
+        if k <= 0:
+            return []
+        if self.pool is None or len(self.order) == 0:
+            raise ConfigError(f"eval.shots={k} needs a train split to draw the examples from; none was loaded.")
+        shots = []
+        for pos in range(len(self.order)):
+            row = self._row(pos)
+            if exclude(row):
+                continue
+            shots.append(row)
+            if len(shots) == k:
+                return shots
+        raise ConfigError(f"eval.shots={k} but the train split has only {len(shots)} usable rows. "
+                          f"Use eval.shots<={len(shots)}.")
+
+
+def pick_shots(pool, k: int, seed: int, exclude: Callable[[dict], bool] = lambda row: False) -> list[dict]:
+    """k fixed solved examples from the train split (see ``ShotPicker``)."""
+    return ShotPicker(pool, seed).pick(k, exclude)
+
+
+def build_prompts(task, records: Sequence[dict], shots: int, shot_pool=None, seed: int = 0) -> list[str]:
+    """The prompt for each record: zero-shot, or k solved train examples before it."""
+    if shots <= 0:
+        return [task.prompt(rec) for rec in records]
+    picker = ShotPicker(shot_pool, seed)
+    prompts = []
+    for rec in records:
+        own = task.user_text(rec)
+        prompts.append(task.prompt(rec, picker.pick(shots, lambda row: task.user_text(row) == own)))
+    return prompts
 
 
 def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[dict, list[dict]]:
@@ -146,13 +249,7 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
     """
     records = [dict(r) for r in eval_rows]
     ecfg = cfg.eval
-    shots_all = pick_shots(shot_pool, ecfg.shots + 1, ecfg.seed) if ecfg.shots and shot_pool is not None else []
-    prompts, used_shots = [], []
-    for rec in records:
-        # never show the evaluated example itself as a solved shot
-        shots = [s for s in shots_all if task.user_text(s) != task.user_text(rec)][: ecfg.shots]
-        used_shots.append(len(shots))
-        prompts.append(task.prompt(rec, shots))
+    prompts = build_prompts(task, records, ecfg.shots, shot_pool, ecfg.seed)
     metrics: dict = {}
     max_len = cfg.train.max_length if cfg.train.truncation == "keep_end" else None
     methods = ["generate", "likelihood"] if ecfg.method == "both" else [ecfg.method]
@@ -172,16 +269,19 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
             results["generate"] = [r.get("predicted_label") for r in per_row]
         else:
             options = [task.completion({**records[0], task.cfg.target: k}) for k in task.label_keys]
-            scores = label_logprobs(model, tokenizer, prompts, options, batch_size=ecfg.batch_size)
+            scores = label_logprobs(model, tokenizer, prompts, options, batch_size=ecfg.batch_size,
+                                    max_length=max_len)
             parsed = scores.argmax(-1).tolist()
             gold = [task.label_index(r) for r in records]
             prefix = "eval/" if len(methods) == 1 else "eval/likelihood_"
             m, per_row = task.score_indices(parsed, gold, [task.words[i] for i in parsed], prefix=prefix)
             m.pop(f"{prefix}irregular_top", None)
-            for row, p, extra in zip(rows, parsed, per_row):
+            for row, p, extra, logp in zip(rows, parsed, per_row, scores.tolist()):
                 row["likelihood_prediction"] = task.words[p]
+                row["label_logprobs"] = {w: round(v, 4) for w, v in zip(task.words, logp)}
                 if len(methods) == 1:
-                    row.update(prediction=task.words[p], correct=extra["correct"], irregular=False)
+                    row.update(prediction=task.words[p], predicted_label=task.words[p], correct=extra["correct"],
+                               irregular=False)
             results["likelihood"] = [task.words[i] for i in parsed]
         m[f"eval/{method}_runtime_s" if len(methods) > 1 else "eval/runtime_s"] = time.perf_counter() - start
         metrics.update(m)
