@@ -54,6 +54,11 @@ def build_tiny(mcfg, texts, seed: int, out_dir: Path):
     """Make the tiny model + tokenizer and save them under ``out_dir`` (the run's base model)."""
     t = mcfg.tiny
     seq2seq = mcfg.arch == "seq2seq"
+    if seq2seq != (t.family == "t5"):
+        raise ConfigError(
+            f"model.arch={mcfg.arch} with model.tiny.family={t.family}: t5 is the only encoder-decoder family. "
+            "Use model=tiny_t5 for seq2seq, or model.arch=causal with llama, falcon or gpt_neox."
+        )
     tok = tiny.build_tokenizer(texts, t.vocab_size, seq2seq=seq2seq)
     if seq2seq:
         tok.padding_side = "right"
@@ -77,6 +82,74 @@ def load_tokenizer(path: str, mcfg):
     return tok
 
 
+class _FalconLinearsAsLinear:
+    """While loading a quantized Falcon, build its linears as plain ``nn.Linear``.
+
+    transformers' bitsandbytes integration converts only modules whose type *is*
+    ``nn.Linear``; Falcon's layers are ``FalconLinear``, a subclass whose forward is
+    the same ``x @ W.T + b``, so they would silently stay in 16 bits. Swapping the
+    class for the duration of the load makes them Linear4bit / Linear8bitLt, as
+    they were when the Falcon QLoRA study ran.
+    """
+
+    def __enter__(self):
+        from transformers.models.falcon import modeling_falcon
+
+        self.module, self.saved = modeling_falcon, modeling_falcon.FalconLinear
+        modeling_falcon.FalconLinear = torch.nn.Linear
+        return self
+
+    def __exit__(self, *exc):
+        self.module.FalconLinear = self.saved
+        return False
+
+
+def checkpoint_config(path: str, mcfg):
+    """The checkpoint's own config, or the preset's when transformers cannot read it.
+
+    Some checkpoints (e.g. the sharded Falcon-7B) still carry the pre-integration
+    ``RefinedWebModel`` config that only remote code understands; their weights use
+    transformers' own Falcon names, so the architecture shipped with the preset
+    (model.preset_config) loads them on transformers' code without trust_remote_code.
+    Returns None when the checkpoint's config is fine as it is.
+    """
+    from transformers import AutoConfig
+
+    kwargs = dict(trust_remote_code=mcfg.trust_remote_code)
+    if path == mcfg.name_or_path and mcfg.revision:
+        kwargs["revision"] = mcfg.revision
+    try:
+        AutoConfig.from_pretrained(path, **kwargs)
+        return None
+    except (ValueError, KeyError) as err:
+        if not mcfg.preset_config:
+            raise ConfigError(
+                f"model.name_or_path={path}: transformers cannot read its config ({err}). Set "
+                "model.trust_remote_code=true if you trust the repository's code, or give model.preset_config."
+            ) from err
+        from ftexp import presets
+
+        log.info("%s: config not readable by transformers (%s); using the architecture in ftexp/presets/%s",
+                 path, str(err).splitlines()[0], mcfg.preset_config)
+        return presets.load_config(mcfg.preset_config)
+
+
+def load_dtype(mcfg, qcfg, device: str):
+    """The dtype weights are loaded in (what is not quantized stays in it).
+
+    nf4 computes in ``quant.bnb_4bit_compute_dtype``; int8 on a CPU keeps the rest
+    in float32; float16 on a CPU becomes float32. "auto" = the checkpoint's dtype.
+    """
+    dtype = _dtype(mcfg.dtype)
+    if qcfg.name == "nf4":
+        dtype = _dtype(qcfg.bnb_4bit_compute_dtype)
+    elif qcfg.name == "int8" and device == "cpu" and dtype == "auto":
+        dtype = torch.float32
+    if device == "cpu" and dtype == torch.float16:
+        dtype = torch.float32
+    return dtype
+
+
 def load_model(path: str, mcfg, qcfg, device: str):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -85,20 +158,22 @@ def load_model(path: str, mcfg, qcfg, device: str):
     if path == mcfg.name_or_path and mcfg.revision:
         kwargs["revision"] = mcfg.revision
     bnb = quantization_config(qcfg)
-    dtype = _dtype(mcfg.dtype)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
-        if qcfg.name == "nf4":
-            dtype = _dtype(qcfg.bnb_4bit_compute_dtype)
-        elif device == "cpu" and dtype == "auto":
-            dtype = torch.float32
-    if device == "cpu" and dtype in (torch.float16,):
+    requested = _dtype(qcfg.bnb_4bit_compute_dtype if qcfg.name == "nf4" else mcfg.dtype)
+    if device == "cpu" and requested == torch.float16:
         log.warning("float16 is slow or unsupported on CPU; loading in float32 instead")
-        dtype = torch.float32
-    kwargs["dtype"] = dtype
+    kwargs["dtype"] = load_dtype(mcfg, qcfg, device)
     try:
-        model = auto.from_pretrained(path, **kwargs)
+        config = checkpoint_config(path, mcfg)
+        if config is not None:
+            kwargs["config"] = config
+        if bnb is not None and (mcfg.family == "falcon" or getattr(config, "model_type", "") == "falcon"):
+            with _FalconLinearsAsLinear():
+                model = auto.from_pretrained(path, **kwargs)
+        else:
+            model = auto.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ConfigError(
             f"model.name_or_path={path}: could not load ({err}). Check the id or folder; gated models such as "
@@ -111,52 +186,89 @@ def load_model(path: str, mcfg, qcfg, device: str):
     return model
 
 
-def find_linear_targets(model, include_lm_head: bool = False) -> list[str]:
-    """Names (last path component) of every linear layer, quantized or not.
-
-    Walks the model as loaded: torch Linear, bitsandbytes Linear8bitLt and
-    Linear4bit all count. The output head is left out unless asked for.
-    """
+def linear_kinds() -> tuple[type, ...]:
+    """Module classes that count as linear layers: torch's and bitsandbytes' 8/4-bit ones."""
     kinds = [torch.nn.Linear]
     try:
         import bitsandbytes as bnb
         kinds += [bnb.nn.Linear8bitLt, bnb.nn.Linear4bit]
     except ImportError:  # bitsandbytes is optional for unquantized runs
         pass
+    return tuple(kinds)
+
+
+def output_head_name(model) -> str | None:
+    """Last path component of the output projection (lm_head, embed_out, ...), if any."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = set()
+    if head is None:
+        return None
     for name, module in model.named_modules():
-        if isinstance(module, tuple(kinds)):
-            if module is head and not include_lm_head:
-                continue
-            names.add(name.split(".")[-1])
-    if include_lm_head and head is not None:
-        for name, module in model.named_modules():
-            if module is head:
-                names.add(name.split(".")[-1])
+        if module is head:
+            return name.split(".")[-1]
+    return None
+
+
+def find_linear_targets(model, include_lm_head: bool = False) -> list[str]:
+    """Names (last path component) of every linear layer, quantized or not.
+
+    Walks the model as loaded, like the Falcon QLoRA study's ``find_target_modules``:
+    torch Linear (and subclasses such as FalconLinear), bitsandbytes Linear8bitLt
+    and Linear4bit all count. The output head is left out unless asked for.
+    """
+    kinds = linear_kinds()
+    head = output_head_name(model)
+    names = {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, kinds)}
+    if head is not None and not include_lm_head:
+        names.discard(head)
     return sorted(names)
+
+
+# Projection names in the Llama style, and what other families call the same layer.
+# Families with a fused query/key/value projection (Falcon, GPT-NeoX) have no
+# separate q/k/v layer to map to.
+_ALIASES = {"q_proj": ("q", "query"), "k_proj": ("k", "key"), "v_proj": ("v", "value"), "o_proj": ("o",)}
+
+
+def resolve_targets(lcfg, model) -> list[str]:
+    """lora.target_modules (+ lm_head when lora.include_lm_head) as module names of ``model``."""
+    linear = find_linear_targets(model, include_lm_head=True)
+    head = output_head_name(model)
+    targets = lcfg.target_modules
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            raise ConfigError(
+                f"lora.target_modules={targets!r}: give a list of module names (e.g. [q_proj, v_proj]) "
+                "or 'all-linear'."
+            )
+        resolved = find_linear_targets(model, include_lm_head=False)
+    else:
+        resolved = []
+        for name in map(str, targets):
+            if name not in linear:
+                alias = next((a for a in _ALIASES.get(name, ()) if a in linear), None)
+                if alias is None:
+                    fused = " (this model fuses q/k/v into query_key_value)" if "query_key_value" in linear else ""
+                    raise ConfigError(
+                        f"lora.target_modules: {name!r} is not a linear layer of {type(model).__name__}{fused}. "
+                        f"Linear layers found: {linear}. Use lora.target_modules=all-linear or pick from those."
+                    )
+                log.info("lora.target_modules: %s is called %s in %s", name, alias, type(model).__name__)
+                name = alias
+            if name not in resolved:
+                resolved.append(name)
+    if lcfg.include_lm_head:
+        if head is None:
+            raise ConfigError(f"lora.include_lm_head=true but {type(model).__name__} has no output head. "
+                              "Set lora.include_lm_head=false.")
+        if head not in resolved:
+            resolved.append(head)
+    return resolved
 
 
 def lora_config(lcfg, model, task_type: str):
     from peft import LoraConfig
 
-    targets = lcfg.target_modules
-    if isinstance(targets, str):
-        if targets != "all-linear":
-            raise ConfigError(f"lora.target_modules={targets!r}: give a list of module names or 'all-linear'.")
-        targets = find_linear_targets(model, include_lm_head=lcfg.include_lm_head)
-    else:
-        targets = list(targets)
-        if lcfg.include_lm_head:
-            head = find_linear_targets(model, include_lm_head=True)
-            targets += [t for t in head if t not in find_linear_targets(model) and t not in targets]
-        present = {n.split(".")[-1] for n, _ in model.named_modules()}
-        missing = [t for t in targets if t not in present]
-        if missing:
-            raise ConfigError(
-                f"lora.target_modules {missing} not found in {type(model).__name__}. Linear layers found: "
-                f"{find_linear_targets(model, True)}. Use lora.target_modules=all-linear or pick from those."
-            )
+    targets = resolve_targets(lcfg, model)
     return LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=targets,
                       bias=lcfg.bias, modules_to_save=list(lcfg.modules_to_save) if lcfg.modules_to_save else None,
                       task_type=task_type)
@@ -171,7 +283,10 @@ def attach_adapters(model, lcfg, qcfg, gradient_checkpointing: bool = False):
     if qcfg.name != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     task_type = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
-    return get_peft_model(model, lora_config(lcfg, model, task_type))
+    config = lora_config(lcfg, model, task_type)
+    log.info("LoRA r=%d alpha=%d dropout=%.2f on %s", lcfg.r, lcfg.alpha, lcfg.dropout,
+             ", ".join(sorted(config.target_modules)))
+    return get_peft_model(model, config)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ftexp.config import ConfigError
+
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
 
@@ -67,10 +69,14 @@ def build_config(family: str, vocab_size: int, tokenizer, *, hidden_size: int = 
         from transformers import T5Config
         return T5Config(vocab_size=vocab_size, d_model=hidden_size, d_kv=hidden_size // num_heads,
                         d_ff=intermediate_size, num_layers=num_layers, num_decoder_layers=num_layers,
-                        num_heads=num_heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                        num_heads=num_heads, feed_forward_proj="gated-gelu",
+                        # transformers 5 always ties T5's head to its embeddings when building from a
+                        # config; tie=True also keeps the d_model**-0.5 output scaling a tied head needs
+                        # (False would drop it and start the loss near 60 instead of ln(vocab)).
+                        tie_word_embeddings=True,
                         decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id)
-    raise ValueError(f"model.tiny.family={family!r}; valid: llama, falcon, gpt_neox, t5")
+    raise ConfigError(f"model.tiny.family={family!r}; valid: llama, falcon, gpt_neox, t5")
 
 
 def build_model(config, seed: int):
