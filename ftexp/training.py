@@ -91,25 +91,37 @@ def build_sft_trainer(cfg, model, tokenizer, train_records, out_dir: Path, devic
 
 
 def tokenize_seq2seq(records, tokenizer, max_length: int, truncation: str):
-    """Encoder input = prompt, labels = completion (+EOS from the tokenizer)."""
-    side = "left" if truncation == "keep_end" else "right"
+    """Encoder-decoder features: the prompt is the encoder input, the completion the labels.
+
+    Only the completion is learned: ``labels`` hold the completion's tokens (the
+    tokenizer closes them with EOS) and nothing of the prompt; the collator pads
+    them with -100. ``truncation=keep_end`` cuts long prompts from the left, so the
+    instruction at the end of a prompt survives; labels are cut from the right.
+    """
+    saved = tokenizer.truncation_side
 
     def encode(batch):
-        tokenizer.truncation_side = side
-        enc = tokenizer(batch["prompt"], truncation=True, max_length=max_length)
-        tokenizer.truncation_side = "right"
-        enc["labels"] = tokenizer(text_target=[c.strip() for c in batch["completion"]], truncation=True,
-                                  max_length=max_length)["input_ids"]
+        try:
+            tokenizer.truncation_side = "left" if truncation == "keep_end" else "right"
+            enc = tokenizer(batch["prompt"], truncation=True, max_length=max_length)
+            tokenizer.truncation_side = "right"
+            targets = [c.strip() for c in batch["completion"]]  # the decoder needs no separating space
+            enc["labels"] = tokenizer(text_target=targets, truncation=True, max_length=max_length)["input_ids"]
+        finally:
+            tokenizer.truncation_side = saved
         return enc
 
     return records.map(encode, batched=True, remove_columns=records.column_names)
 
 
 def build_seq2seq_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to, callbacks):
+    """transformers' Seq2SeqTrainer (TRL's SFTTrainer is decoder-only) on prompt -> completion pairs."""
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
-    args = Seq2SeqTrainingArguments(**common_args(cfg, out_dir, device, report_to), remove_unused_columns=False)
+    args = Seq2SeqTrainingArguments(**common_args(cfg, out_dir, device, report_to), remove_unused_columns=False,
+                                    label_names=["labels"])
     data = tokenize_seq2seq(train_records, tokenizer, cfg.train.max_length, cfg.train.truncation)
+    # With the model, the collator also builds decoder_input_ids (labels shifted right).
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     return Seq2SeqTrainer(model=model, args=args, train_dataset=data, data_collator=collator,
                           processing_class=tokenizer, callbacks=callbacks)
