@@ -18,7 +18,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftexp import data as data_mod
-from ftexp import evaluation, modeling, records, training
+from ftexp import evaluation, memory, modeling, records, training
 from ftexp.config import ConfigError, validate
 from ftexp.tasks import build_task
 
@@ -129,13 +129,15 @@ def finetune(cfg: DictConfig) -> dict:
         task = build_task(cfg.task, tokenizer=tokenizer, use_chat_template=cfg.model.use_chat_template)
         check_label_words(task, tokenizer)
         train_records = to_records(task, train_rows)
+        weights = memory.check(cfg.model, cfg.quant, base, device)  # refuses a GPU too small
         model = modeling.load_model(base, cfg.model, cfg.quant, device)
+        weights["model/weight_memory_mb"] = memory.measured_mb(model)
         model = modeling.attach_adapters(model, cfg.lora, cfg.quant, cfg.train.gradient_checkpointing)
         trainable, total = modeling.count_parameters(model)
         log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
                  100 * trainable / total)
         metrics = {"train/trainable_params": trainable, "train/total_params": total,
-                   "train/trainable_pct": 100 * trainable / total}
+                   "train/trainable_pct": 100 * trainable / total, **weights}
 
         # train
         fit = training.train(
