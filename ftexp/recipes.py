@@ -164,3 +164,140 @@ def finetune(cfg: DictConfig) -> dict:
         return metrics
     finally:
         tracker.finish(failed=failed)
+
+
+# ----------------------------------------------------------------------------- evaluate-only recipe
+
+# What `evaluate.py run=<dir>` takes from the command line on top of the run's own
+# config.yaml: evaluation settings only. Everything that shaped the trained model
+# (model, data, task prompt, train, lora, quant) comes from the run.
+EVAL_OVERRIDABLE = ("eval", "task.generation", "data.path", "objective")
+# Settings of this invocation, never the trained run's: where results go, the
+# device, the tracker.
+EVAL_INVOCATION = ("output_dir", "run_name", "device", "logger", "run", "hydra")
+
+
+def _under(key: str, roots) -> bool:
+    return any(key == root or key.startswith(root + ".") for root in roots)
+
+
+def command_line_keys() -> list[str]:
+    """Config keys (or groups) set on the command line of a Hydra app; [] outside one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return [o.key_or_group for o in parsed]
+
+
+def eval_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
+    """The config an evaluation runs with.
+
+    Without ``run``: ``cfg`` itself (a base model, zero- or k-shot). With
+    ``run=<dir>``: the run's saved ``config.yaml``, type-checked against the schema,
+    plus the keys in ``overrides`` (default: those given on the command line) copied
+    from ``cfg`` when they are evaluation settings (eval.*, task.generation.*,
+    data.path, objective); output_dir, run_name, device and logger always come from
+    ``cfg``. Any other override is refused: it would describe a different run.
+    """
+    if not cfg.get("run"):
+        return cfg
+    from ftexp.config import RunConfig
+
+    trained = Path(str(cfg.run))
+    saved_path = trained / "config.yaml"
+    if not saved_path.exists():
+        raise ConfigError(f"run={cfg.run}: no config.yaml there. Point run= at a directory that train.py wrote.")
+    try:
+        out = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(saved_path))
+    except Exception as err:  # a key the schema no longer has, or a wrong type
+        raise ConfigError(f"run={cfg.run}: its config.yaml does not fit this version's schema ({err}).") from err
+    keys = command_line_keys() if overrides is None else list(overrides)
+    refused = [k for k in keys if not _under(k, EVAL_OVERRIDABLE + EVAL_INVOCATION)]
+    if refused:
+        raise ConfigError(
+            f"run={cfg.run} is evaluated with its own model, data, task and training settings, so "
+            f"{', '.join(refused)} cannot be changed. Only {', '.join(k + '.*' if k in ('eval', 'task.generation') else k for k in EVAL_OVERRIDABLE)} "
+            "apply; to evaluate another model use evaluate.py without run=."
+        )
+    with open_dict(out):
+        for key in keys:
+            if _under(key, EVAL_OVERRIDABLE):
+                OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
+        for key in ("output_dir", "run_name", "device"):
+            out[key] = cfg.get(key)
+        out.logger = cfg.logger
+        out.run = str(trained)
+    return out
+
+
+def load_trained(cfg: DictConfig, trained: Path, device: str):
+    """(model, tokenizer) of a trained run: base model + adapter/, or model/ for a full fine-tune."""
+    if cfg.lora.enabled:
+        adapter = trained / "adapter"
+        if not (adapter / "adapter_config.json").exists():
+            raise ConfigError(f"run={trained}: no adapter/ (was it trained with train.save_model=false?).")
+        base = str(trained / "base_model") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
+        if cfg.model.name_or_path == "tiny" and not (trained / "base_model" / "config.json").exists():
+            raise ConfigError(f"run={trained}: the tiny base model (base_model/) is missing from the run.")
+        from peft import PeftModel
+
+        tokenizer = modeling.load_tokenizer(str(adapter), cfg.model)
+        model = modeling.load_model(base, cfg.model, cfg.quant, device)
+        model = PeftModel.from_pretrained(model, str(adapter))
+        return model, tokenizer
+    full = trained / "model"
+    if not (full / "config.json").exists():
+        raise ConfigError(f"run={trained}: no model/ (a full fine-tune saves one unless train.save_model=false).")
+    return modeling.load_model(str(full), cfg.model, cfg.quant, device), modeling.load_tokenizer(str(full), cfg.model)
+
+
+def evaluate_only(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """Evaluate without training, top to bottom: setup -> evaluate -> record.
+
+    ``run=<dir>`` re-evaluates a trained run (see ``eval_config``); without it the
+    base model is evaluated zero-shot or with ``eval.shots`` examples (the tiny model
+    is then untrained). Writes config.yaml, metrics.json and predictions.jsonl to its
+    own directory (output_dir, else Hydra's) and returns the metrics.
+    """
+    cfg = eval_config(cfg, overrides)
+    validate(cfg)
+    out_dir = resolve_run_dir(cfg)
+    trained = Path(str(cfg.run)) if cfg.get("run") else None
+    if trained is not None and out_dir.resolve() == trained.resolve():
+        raise ConfigError(f"output_dir={cfg.output_dir} is the run being evaluated; its files would be overwritten. "
+                          "Give the evaluation a directory of its own.")
+    seed_everything(cfg.train.seed)
+    device = modeling.pick_device(cfg.device)
+    records.write_config(cfg, out_dir)
+    tracker = records.Tracker(cfg.logger, cfg, out_dir)
+    failed = True
+    try:
+        # setup: data, model + tokenizer (trained run or base), task
+        pool, _, eval_rows = load_data(cfg)
+        if trained is not None:
+            model, tokenizer = load_trained(cfg, trained, device)
+        else:
+            base = base_model_path(cfg, pool, out_dir)
+            tokenizer = modeling.load_tokenizer(base, cfg.model)
+            model = modeling.load_model(base, cfg.model, cfg.quant, device)
+        task = build_task(cfg.task, tokenizer=tokenizer, use_chat_template=cfg.model.use_chat_template)
+        check_label_words(task, tokenizer)
+
+        # evaluate
+        metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
+
+        # record
+        records.write_predictions(rows, out_dir)
+        tracker.table("predictions", rows[: cfg.logger.log_predictions])
+        records.write_metrics(metrics, out_dir)
+        tracker.summary(metrics)
+        source = f"run {trained}" if trained is not None else f"base {cfg.model.name}, {cfg.eval.shots}-shot"
+        print(f"[ftexp] {out_dir.name} ({source}): {result_row(metrics, cfg.objective)}", flush=True)
+        failed = False
+        return metrics
+    finally:
+        tracker.finish(failed=failed)

@@ -9,6 +9,8 @@ implementations (rouge_score, scikit-learn) on the same inputs; tests check that
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -23,14 +25,31 @@ def metric_path(name: str) -> Path:
     return path
 
 
+def evaluate_library():
+    """The ``evaluate`` library, even where the project's own ``evaluate.py`` script
+    would shadow it (a Python started in the repository's root puts the root first
+    on sys.path, so a plain ``import evaluate`` would import the script)."""
+    loaded = sys.modules.get("evaluate")
+    if loaded is not None and hasattr(loaded, "load") and hasattr(loaded, "Metric"):
+        return loaded
+    shadowing = [p for p in sys.path if (Path(p or os.getcwd()) / "evaluate.py").is_file()]
+    saved_path = list(sys.path)
+    if loaded is not None:
+        del sys.modules["evaluate"]
+    sys.path[:] = [p for p in sys.path if p not in shadowing]
+    try:
+        import evaluate
+    finally:
+        sys.path[:] = saved_path
+    return evaluate
+
+
 def load_metric(name: str):
     """The ``evaluate`` metric ``name`` from ftexp's own modules (never the Hub).
 
     Kept in memory: no cache files, so parallel runs never contend for a lock.
     """
-    import evaluate
-
-    return evaluate.load(str(metric_path(name).parent), keep_in_memory=True)
+    return evaluate_library().load(str(metric_path(name).parent), keep_in_memory=True)
 
 
 def classification_scores(parsed: Sequence[int | None], gold: Sequence[int], *, num_labels: int,

@@ -1,0 +1,46 @@
+"""Evaluate without training: a trained run, or a base model zero/k-shot.
+
+    python evaluate.py run=outputs/runs/<run dir>                 # re-evaluate a trained run
+    python evaluate.py run=outputs/runs/<run dir> eval.method=both eval.n=200
+    python evaluate.py model=tiny data=sst2 data.path=../shared/data/SST-2 eval.shots=3   # baseline
+    python evaluate.py -m model=flan_t5_base data=dialogsum task=summarization eval.shots=0,1,3
+
+Results (config.yaml, metrics.json, predictions.jsonl) go to outputs/evals/<time>_<name>
+unless output_dir= or hydra.run.dir= says otherwise; the trained run's files are
+never touched.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from ftexp.cli import objective_value, run_guarded
+from ftexp.config import register_configs
+
+register_configs()
+
+
+def _own_output_dirs(argv: list[str]) -> list[str]:
+    """Hydra overrides that put an evaluation in a folder of its own, named after the
+    evaluated run, or after the model and data; none when the user chose one."""
+    if any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in argv):
+        return []
+    run = next((a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("run=")), None)
+    name = Path(run.rstrip("/")).name.replace("'", "") if run else "${model.name}_${data.name}"
+    return [f"hydra.run.dir='outputs/evals/${{now:%Y-%m-%d_%H-%M-%S}}_{name}'",
+            "hydra.sweep.dir='outputs/eval_sweeps/${now:%Y-%m-%d_%H-%M-%S}'"]
+
+
+@hydra.main(config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from ftexp.recipes import eval_config, evaluate_only
+
+    metrics = run_guarded(evaluate_only, cfg)
+    return objective_value(metrics, run_guarded(eval_config, cfg).objective)
+
+
+if __name__ == "__main__":
+    sys.argv += _own_output_dirs(sys.argv[1:])
+    main()
