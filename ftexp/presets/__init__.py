@@ -92,7 +92,7 @@ def count_trainable(model_cfg, lora_cfg) -> dict:
     if not model_cfg.get("preset_config"):
         raise ConfigError(
             f"model={model_cfg.name} has no model.preset_config: offline counts need an architecture file in "
-            f"{PRESET_DIR.name}/ (one of {sorted(p.stem for p in PRESET_DIR.glob('*.json'))})."
+            f"ftexp/presets/ (one of {sorted(p.stem for p in PRESET_DIR.glob('*.json'))})."
         )
     model = preset_meta_model(model_cfg.preset_config)
     base_total = unique_parameters(model)
@@ -140,6 +140,3 @@ def main(argv: list[str] | None = None) -> int:
           f"|| trainable%: {counts['trainable_pct']:.4f}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
