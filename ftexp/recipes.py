@@ -116,6 +116,8 @@ def result_row(metrics: dict, objective: str) -> str:
 def finetune(cfg: DictConfig) -> dict:
     validate(cfg)
     run_dir = resolve_run_dir(cfg)
+    if (done := records.reusable_metrics(run_dir, cfg)) is not None:  # finished before: resume, not redo
+        return done
     seed_everything(cfg.train.seed)
     device = modeling.pick_device(cfg.device)
     records.write_config(cfg, run_dir)

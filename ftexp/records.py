@@ -18,15 +18,27 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+# A credential's key: "token", "hf_token", "hub_token", "api_key", "WANDB_API_KEY", "client_secret",
+# "password" - but not settings that merely mention tokens ("tokenizer_max_texts", "max_new_tokens",
+# "pad_token").
+_SECRET_KEY = re.compile(
+    r"(?:^|[_.-])(?:api[_-]?key|apikey|secret|password|passwd)$"
+    r"|^token$|(?:^|[_.-])(?:hf|hub|auth|access|api|bearer|refresh|session|wandb|github|gh)[_-]?token$",
+    re.IGNORECASE)
+
+
+# Values that are credentials whatever their key: Hugging Face, GitHub and OpenAI-style tokens.
+_SECRET_VALUE = re.compile(r"^(?:hf_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,})$")
 
 
 def scrub(obj):
-    """Drop values whose key looks like a credential."""
+    """Drop values whose key looks like a credential, or that look like a token themselves."""
     if isinstance(obj, dict):
         return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else scrub(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
+    if isinstance(obj, str) and _SECRET_VALUE.match(obj.strip()):
+        return "<redacted>"
     return obj
 
 
@@ -58,14 +70,97 @@ def read_metrics(run_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
+def write_failure(run_dir: Path, exc: BaseException, summary: str | None = None,
+                  out_of_memory: bool = False) -> None:
+    """``failed.json``: why a run stopped (a sweep records it and goes on; the report shows it)."""
+    import traceback
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "status": "failed",
+        "error": summary or f"{type(exc).__name__}: {exc}",
+        "error_type": type(exc).__name__,
+        "out_of_memory": out_of_memory,
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:],
+    }
+    path = run_dir / "failed.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_failure(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "failed.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# Keys that say where or how a run is logged, not what it computes.
+NON_EXPERIMENT_KEYS = ("output_dir", "run_name", "logger")
+
+
+def experiment_fingerprint(config: dict) -> str:
+    """The resolved config minus where/how it is logged, as canonical JSON: equal for two runs
+    that compute the same thing."""
+    kept = {k: v for k, v in config.items() if k not in NON_EXPERIMENT_KEYS}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def reusable_metrics(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The metrics of a finished run in ``run_dir`` made from the same config, or None.
+
+    Lets a rerun sweep (or a repeated command with the same output_dir) skip work that is done.
+    Finished = ``metrics.json`` written (it is written last); same config = the resolved
+    ``config.yaml`` equals this one apart from logging keys.
+    """
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    saved = run_dir / "config.yaml"
+    if metrics is None or not saved.exists():
+        return None
+    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
+    if experiment_fingerprint(old) != experiment_fingerprint(config_dict(cfg)):
+        return None
+    log.info("%s already holds finished metrics for this config: reusing them (delete metrics.json to rerun).",
+             run_dir)
+    return metrics
+
+
 def write_predictions(rows: list[dict], run_dir: Path) -> None:
     with (run_dir / "predictions.jsonl").open("w") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def wandb_mode(lcfg) -> str:
+    """logger.mode, or online with WANDB_API_KEY in the environment and offline without."""
+    if lcfg.get("mode"):
+        return lcfg.mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def sweep_context() -> dict:
+    """In a Hydra multirun job: {"group": the sweep dir's name, "name": this job's overrides}."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return {}
+        return {"group": Path(hc.sweep.dir).name, "name": hc.job.override_dirname or None}
+    except Exception:  # not under Hydra (tests calling finetune directly)
+        return {}
+
+
 class Tracker:
-    """Experiment tracker facade: W&B when logger=wandb, nothing otherwise."""
+    """Experiment tracker facade: W&B when logger=wandb, nothing otherwise.
+
+    In a sweep, runs are grouped by the sweep dir's name and named from their swept values
+    (the ftexp sweeper sets ``run_name``). Without WANDB_API_KEY the run is written offline
+    under ``<run dir>/wandb`` and the log says how to upload it. Keys are never logged: the
+    config passes through ``scrub`` and W&B reads the key from the environment itself.
+    """
 
     def __init__(self, lcfg, cfg: DictConfig, run_dir: Path):
         self.run = None
@@ -76,15 +171,15 @@ class Tracker:
             raise ValueError(f"logger={lcfg.name}; valid: none, wandb")
         import wandb
 
-        mode = lcfg.mode
-        if mode is None:
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            if mode == "offline":
-                log.warning("No WANDB_API_KEY: logging offline under %s/wandb. Upload later with "
-                            "`wandb sync %s/wandb/offline-run-*`.", run_dir, run_dir)
-        self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, group=lcfg.group, tags=list(lcfg.tags),
-                              name=cfg.run_name, dir=str(run_dir), mode=mode, config=config_dict(cfg),
-                              reinit="finish_previous")
+        mode = wandb_mode(lcfg)
+        if mode == "offline":
+            log.warning("No WANDB_API_KEY: logging offline under %s/wandb. Upload later with "
+                        "`wandb sync %s/wandb/offline-run-*` (a whole sweep: `wandb sync <sweep dir>/*/wandb/offline-run-*`).",
+                        run_dir, run_dir)
+        sweep = sweep_context()
+        self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, group=lcfg.group or sweep.get("group"),
+                              tags=list(lcfg.tags), name=cfg.run_name or sweep.get("name"), dir=str(run_dir),
+                              mode=mode, config=config_dict(cfg), reinit="finish_previous")
 
     @property
     def report_to(self) -> list[str]:
