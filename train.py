@@ -8,7 +8,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from ftexp.cli import objective_value, run_guarded
+from ftexp.cli import run_guarded
 from ftexp.config import register_configs
 
 register_configs()
@@ -18,8 +18,7 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     from ftexp.recipes import finetune
 
-    metrics = run_guarded(finetune, cfg)
-    return objective_value(metrics, cfg.objective)
+    return run_guarded(finetune, cfg, objective=cfg.objective)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ from ftexp.config import ConfigError
 log = logging.getLogger("ftexp")
 
 
-def run_guarded(fn, cfg):
-    """Run a recipe; a ConfigError becomes a one-line message and exit code 2."""
+def run_guarded(fn, cfg, objective: str | None = None):
+    """Run a recipe (and pick its objective); a ConfigError becomes a one-line
+    message and exit code 2 instead of a traceback."""
     try:
-        return fn(cfg)
+        metrics = fn(cfg)
+        return objective_value(metrics, objective) if objective else metrics
     except ConfigError as err:
         log.error("%s", err)
         print(f"ftexp: error: {err}", file=sys.stderr, flush=True)

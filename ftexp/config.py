@@ -197,6 +197,8 @@ class RunConfig:
     run_name: Optional[str] = None
     run: Optional[str] = None  # evaluate.py: a trained run directory to re-evaluate
     device: str = "auto"  # auto | cpu | cuda
+    # Tokenized train rows are cached here and shared by the runs of a sweep; null = off.
+    cache_dir: Optional[str] = "~/.cache/ftexp"
 
 
 def register_configs() -> None:
@@ -286,6 +288,23 @@ def check_shots(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.shots={cfg.eval.shots}: must be 0 (zero-shot) or more.")
 
 
+def check_tiny_quant_blocks(cfg: DictConfig) -> None:
+    if cfg.model.name_or_path == "tiny" and cfg.quant.name != "none" and cfg.model.tiny.hidden_size % 64:
+        raise ConfigError(
+            f"quant={cfg.quant.name} with model.tiny.hidden_size={cfg.model.tiny.hidden_size}: bitsandbytes quantizes "
+            "in blocks of 64 weights, so use a hidden size that is a multiple of 64 (e.g. 64 or 128)."
+        )
+
+
+def check_objective_area(cfg: DictConfig) -> None:
+    area = str(cfg.objective).split("/")[0]
+    if "/" not in str(cfg.objective) or area not in ("train", "eval", "judge", "model"):
+        raise ConfigError(
+            f"objective={cfg.objective!r}: name a metrics.json key such as eval/accuracy, eval/rougeL or "
+            "eval/mcrmse (areas: train/, eval/, judge/, model/)."
+        )
+
+
 RULES = (
     check_quantization_trains_adapters,
     check_one_quantization,
@@ -296,6 +315,8 @@ RULES = (
     check_precision,
     check_arch,
     check_shots,
+    check_tiny_quant_blocks,
+    check_objective_area,
 )
 
 

@@ -181,13 +181,13 @@ def load_splits(dcfg) -> dict[str, Dataset]:
 
 
 def subset(ds: Dataset, n: int | None, seed: int, *, key: str) -> Dataset:
-    """The first ``n`` rows of a permutation fixed by ``seed``; n=None keeps every row.
+    """The first ``n`` rows of a permutation fixed by ``seed``; n=None takes every row.
 
     Asking for more rows than the split holds is refused (not clamped), so a
     results table never labels a run with a size it did not train on.
     """
     if n is None:
-        return ds
+        n = len(ds)  # still permuted: "all rows" is the longest prefix of the same order
     if n > len(ds):
         raise ConfigError(
             f"{key}={n} but the split has only {len(ds):,} rows. Use {key}<={len(ds)}, or {key}=null for all of them."

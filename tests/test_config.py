@@ -1,0 +1,88 @@
+"""Composition and validation: every option composes, typos and bad combinations
+fail early with a message that names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException as HydraCompositionError
+
+from conftest import CONF, compose_cfg
+from ftexp.config import ConfigError, validate
+
+GROUPS = ["model", "quant", "lora", "data", "task", "logger", "train", "eval"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_of_every_group_composes(group, option):
+    cfg = compose_cfg([f"{group}={option}"], fast=False)
+    assert cfg[group] is not None
+    if group in ("model", "data", "task", "quant", "lora", "logger"):
+        assert cfg[group].name  # every option names itself
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_composes_and_validates(option):
+    cfg = compose_cfg([f"experiment={option}"], fast=False)
+    validate(cfg)
+
+
+def test_default_config_is_valid():
+    cfg = compose_cfg(fast=False)
+    validate(cfg)
+    assert cfg.model.name == "tiny" and cfg.objective == "eval/accuracy"
+
+
+def test_misspelt_key_fails_at_composition_naming_it():
+    with pytest.raises(HydraCompositionError) as err:
+        compose_cfg(["train.learnig_rate=0.1"])
+    assert "learnig_rate" in str(err.value)
+
+
+def test_wrong_type_fails_at_composition_naming_it():
+    with pytest.raises(HydraCompositionError) as err:
+        compose_cfg(["train.batch_size=lots"])
+    assert "batch_size" in str(err.value)
+
+
+def test_unknown_group_option_lists_the_valid_ones():
+    with pytest.raises(HydraCompositionError) as err:
+        compose_cfg(["model=llama99"])
+    message = str(err.value)
+    assert "llama99" in message and "tiny" in message and "llama2_13b" in message
+
+
+def test_llama2_13b_composes_with_the_sst2_study_settings():
+    cfg = compose_cfg(["model=llama2_13b", "quant=nf4", "lora=default", "data=sst2", "train.max_length=256",
+                       "train.learning_rate=2e-4", "train.epochs=1"], fast=False)
+    validate(cfg)
+    assert cfg.model.name_or_path == "meta-llama/Llama-2-13b-chat-hf"
+    assert cfg.quant.load_in_4bit and cfg.quant.bnb_4bit_use_double_quant
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["quant=nf4", "lora=none"], "QLoRA trains adapters only"),
+    (["quant=int8", "lora=none"], "QLoRA trains adapters only"),
+    (["quant=nf4", "lora=default", "quant.load_in_8bit=true"], "int8 and nf4 are exclusive"),
+    (["train.n=0"], "train.n=0"),
+    (["train.epochs=null", "train.max_steps=null"], "stop condition"),
+    (["eval.method=likelihood", "task=classification", "task.kind=qa"], "eval.method=likelihood"),
+    (["task.labels={0: '',1: positive}"], "empty label word"),
+    (["train.bf16=true", "train.fp16=true"], "pick one"),
+])
+def test_each_cross_group_rule_refuses_with_a_message(overrides, needle):
+    cfg = compose_cfg(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert needle in str(err.value)
+
+
+def test_quantized_tiny_model_needs_whole_quantization_blocks():
+    cfg = compose_cfg(["quant=nf4", "lora=default", "model.tiny.hidden_size=32"])
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        validate(cfg)

@@ -1,0 +1,138 @@
+"""Training behaviour on the tiny model: completion-only masks, falling loss,
+quantized (int8 / nf4) LoRA runs, determinism, and the run-directory contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from conftest import compose_cfg
+from ftexp import modeling, recipes, training
+from ftexp.tasks import build_task
+
+CONTRACT_KEYS = ["train/loss_first", "train/loss_last", "train/runtime_s", "train/samples", "train/tokens_per_s",
+                 "train/trainable_params", "train/peak_memory_mb", "eval/n", "eval/accuracy", "eval/f1",
+                 "eval/irregular", "eval/runtime_s"]
+
+
+def _setup(cfg, tmp_path):
+    pool, train_rows, _ = recipes.load_data(cfg)
+    base = recipes.base_model_path(cfg, pool, tmp_path)
+    tok = modeling.load_tokenizer(base, cfg.model)
+    task = build_task(cfg.task, tokenizer=tok)
+    model = modeling.load_model(base, cfg.model, cfg.quant, "cpu")
+    return tok, task, model, recipes.to_records(task, train_rows)
+
+
+def test_trainer_batch_masks_prompt_tokens_and_keeps_completion_tokens(tmp_path):
+    cfg = compose_cfg([], tmp_path)
+    tok, task, model, records = _setup(cfg, tmp_path)
+    trainer = training.build_sft_trainer(cfg, model, tok, records, tmp_path / "ckpt", "cpu", [], [])
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, labels, attn = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    for row in range(ids.shape[0]):
+        real = attn[row].bool()
+        seq, lab = ids[row][real].tolist(), labels[row][real].tolist()
+        text = tok.decode(seq, skip_special_tokens=False)
+        record = next(r for r in records if text.endswith(r["prompt"] + r["completion"] + tok.eos_token)
+                      or r["prompt"] in text)
+        n_prompt = len(tok(record["prompt"])["input_ids"])  # BOS + prompt tokens
+        assert all(l == -100 for l in lab[:n_prompt]), "a prompt token carries a label"
+        kept = [t for t, l in zip(seq, lab) if l != -100]
+        assert kept, "no completion token is trained"
+        assert tok.decode(kept) == record["completion"] + tok.eos_token
+        assert lab[n_prompt:] == seq[n_prompt:]
+    # padding never contributes to the loss
+    assert (labels[~attn.bool()] == -100).all()
+
+
+def test_loss_falls_on_a_learnable_task(tmp_path):
+    cfg = compose_cfg(["train.max_steps=60", "train.warmup_steps=5", "train.learning_rate=2e-3",
+                       "++data.generator.train_size=320", "eval.enabled=false",
+                       "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "train.logging_steps=5"],
+                      tmp_path)
+    metrics = recipes.finetune(cfg)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) >= 8
+    assert metrics["train/loss_last"] < 0.3 * metrics["train/loss_first"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_quantized_lora_runs_go_through_on_the_tiny_model(tmp_path, quant):
+    cfg = compose_cfg([f"quant={quant}", "lora=default", "quant.bnb_4bit_compute_dtype=float32",
+                       "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128",
+                       "train.max_steps=3", "eval.n=8"], tmp_path)
+    metrics = recipes.finetune(cfg)
+    for key in CONTRACT_KEYS:
+        assert key in metrics, key
+    _, total = metrics["train/trainable_params"], metrics["train/total_params"]
+    assert 0 < metrics["train/trainable_params"] < total
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    import bitsandbytes as bnb
+    kinds = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}
+    # the adapters sit on quantized layers: the quantized base was really used
+    from peft import PeftModel
+    base = modeling.load_model(str(tmp_path / "base_model"), cfg.model, cfg.quant, "cpu")
+    assert any(isinstance(m, kinds[quant]) for m in base.modules())
+
+
+def test_same_seed_same_result(tmp_path):
+    a = recipes.finetune(compose_cfg(["eval.n=8"], tmp_path / "a"))
+    b = recipes.finetune(compose_cfg(["eval.n=8"], tmp_path / "b"))
+    assert a["train/loss_last"] == b["train/loss_last"]
+    assert (tmp_path / "a" / "predictions.jsonl").read_text() == (tmp_path / "b" / "predictions.jsonl").read_text()
+
+
+def test_run_directory_holds_the_contract_files(tmp_path):
+    cfg = compose_cfg(["eval.n=8"], tmp_path)
+    metrics = recipes.finetune(cfg)
+    for name in ("config.yaml", "metrics.json", "predictions.jsonl", "train_log.jsonl"):
+        assert (tmp_path / name).exists(), name
+    assert (tmp_path / "model" / "config.json").exists()  # full fine-tune saves the model
+    assert (tmp_path / "model" / "tokenizer.json").exists()
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert all("/" in k for k in on_disk)
+    for key in CONTRACT_KEYS:
+        assert key in on_disk, key
+    rows = [json.loads(l) for l in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["eval/n"] == 8
+    assert {"input", "reference", "prediction", "correct", "irregular"} <= set(rows[0])
+    assert sum(r["correct"] for r in rows) / 8 == pytest.approx(metrics["eval/accuracy"])
+    assert sum(r["irregular"] for r in rows) == metrics["eval/irregular"]
+
+
+def test_label_word_that_tokenizes_to_nothing_is_refused():
+    cfg = compose_cfg([])
+    class Empty:
+        unk_token_id = None
+        chat_template = None
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [] if "negative" in text else [5]}
+    task = build_task(cfg.task)
+    with pytest.raises(Exception, match="negative.*tokenizes to nothing"):
+        recipes.check_label_words(task, Empty())
+
+
+def test_sweep_runs_share_tokenized_rows_and_never_tokenize_a_row_twice(tmp_path):
+    from ftexp import cache
+
+    cfg = compose_cfg([f"cache_dir={tmp_path / 'cache'}", "++data.generator.train_size=200"])
+    pool, _, _ = recipes.load_data(cfg)
+    base = recipes.base_model_path(cfg, pool, tmp_path)
+    tok = modeling.load_tokenizer(base, cfg.model)
+    task = build_task(cfg.task, tokenizer=tok)
+    from ftexp import data
+    def rows(n):
+        return recipes.to_records(task, data.subset(pool, n, cfg.data.seed, key="train.n"))
+    small, fresh_small = cache.tokenized_prefix(rows(50), tok, cfg, cfg.cache_dir)
+    large, fresh_large = cache.tokenized_prefix(rows(120), tok, cfg, cfg.cache_dir)
+    again, fresh_again = cache.tokenized_prefix(rows(80), tok, cfg, cfg.cache_dir)
+    assert (fresh_small, fresh_large, fresh_again) == (50, 70, 0)
+    assert large["input_ids"][:50] == small["input_ids"]
+    uncached, _ = cache.tokenized_prefix(rows(120), tok, cfg, None)
+    assert uncached["input_ids"] == large["input_ids"]
+    assert uncached["completion_mask"] == large["completion_mask"]
