@@ -1,0 +1,140 @@
+"""Evaluation machinery on tiny in-process models: label likelihood against generation
+on a model trained until it answers correctly, batch-size-independent greedy outputs,
+multi-token label scoring, and k-shot prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from conftest import compose_cfg
+from ftexp import evaluation, tiny
+from ftexp.config import ConfigError
+from ftexp.tasks import build_task
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "paper", "glass", "storm", "piano", "candle", "forest"]
+
+
+def _records():
+    # each prompt names two things; the label is fixed by the first one
+    rows = []
+    for i, a in enumerate(WORDS):
+        for b in WORDS[i + 1:i + 3]:
+            rows.append({"text": f"{a} and the {b}", "label": i % 2})
+    return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a shared CPU stays usable)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread):
+    """A tiny Llama trained on the prompts until greedy decoding answers every one."""
+    cfg = compose_cfg(["task=classification", "task.generation.max_new_tokens=3", "eval.batch_size=16"],
+                      fast=False)
+    records = _records()
+    task0 = build_task(cfg.task)
+    texts = [task0.prompt(r) + task0.completion(r) for r in records]
+    tok = tiny.build_tokenizer(texts * 3, 600)
+    config = tiny.build_config("llama", len(tok), tok, hidden_size=48, num_layers=2, num_heads=4,
+                               intermediate_size=96)
+    model = tiny.build_model(config, seed=0)
+    task = build_task(cfg.task, tokenizer=tok)
+    seqs, masks = [], []
+    for r in records:
+        p = tok(task.prompt(r))["input_ids"]
+        c = tok(task.completion(r), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append(p + c)
+        masks.append([0] * len(p) + [1] * len(c))
+    L = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (L - len(s)) for s in seqs])
+    attn = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
+    labels = torch.where(torch.tensor([m + [0] * (L - len(m)) for m in masks]).bool(), ids, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    model.train()
+    for step in range(150):
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.02:
+            break
+    model.eval()
+    return cfg, model, tok, task, records
+
+
+def test_likelihood_and_generate_agree_on_a_model_that_answers_correctly(trained, tmp_path):
+    cfg, model, tok, task, records = trained
+    with open_dict(cfg):
+        cfg.eval.method = "both"
+    metrics, rows = evaluation.evaluate(cfg, model, tok, task, records)
+    assert metrics["eval/accuracy"] == 1.0 and metrics["eval/irregular"] == 0
+    assert metrics["eval/likelihood_accuracy"] == 1.0
+    assert metrics["eval/method_agreement"] == 1.0
+    assert all(r["prediction"] == r["likelihood_prediction"] == r["reference"] for r in rows)
+    assert metrics["eval/n"] == len(records) and "eval/likelihood_runtime_s" in metrics
+    with open_dict(cfg):
+        cfg.eval.method = "likelihood"
+    metrics, rows = evaluation.evaluate(cfg, model, tok, task, records)
+    assert metrics["eval/accuracy"] == 1.0 and metrics["eval/irregular"] == 0
+    assert all(r["predicted_label"] == r["reference"] and set(r["label_logprobs"]) == {"negative", "positive"}
+               for r in rows)
+
+
+def test_greedy_outputs_are_the_same_at_batch_size_1_and_16(trained):
+    cfg, model, tok, task, records = trained
+    prompts = [task.prompt(r) for r in records]
+    prompts += [p.replace(" and the ", " and then the old ") for p in prompts[:10]]  # other lengths
+    gen = OmegaConf.merge(cfg.task.generation, {"max_new_tokens": 6})
+    one = evaluation.generate(model, tok, prompts, gen, batch_size=1)
+    sixteen = evaluation.generate(model, tok, prompts, gen, batch_size=16)
+    assert one == sixteen
+    assert len(set(one)) > 1
+
+
+def test_multi_token_options_sum_their_token_logprobs(trained):
+    _, model, tok, task, records = trained
+    prompts = [task.prompt(r) for r in records[:5]]
+    options = [" positive", " negative", " positive negative positive"]
+    ids = evaluation.option_token_ids(tok, options)
+    assert len(ids[2]) > 1
+    scores = evaluation.label_logprobs(model, tok, prompts, options, batch_size=4)
+    for i, p in enumerate(prompts):
+        for j, opt in enumerate(ids):
+            full = torch.tensor([tok(p)["input_ids"] + opt])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(full).logits[0].float(), -1)
+            n_prompt = full.shape[1] - len(opt)
+            expected = sum(logp[n_prompt - 1 + t, tok_id].item() for t, tok_id in enumerate(opt))
+            assert scores[i, j].item() == pytest.approx(expected, abs=1e-4)
+    # one-token options take the single-pass path and agree with the pair path
+    two = evaluation.label_logprobs(model, tok, prompts, options[:2], batch_size=3)
+    assert torch.allclose(two, scores[:, :2], atol=1e-4)
+
+
+def test_k_shot_prompt_holds_exactly_k_examples_and_never_the_evaluated_one():
+    cfg = compose_cfg(["task=sentiment"], fast=False)
+    task = build_task(cfg.task)
+    pool = [{"text": f"review number {i}", "label": i % 2} for i in range(12)]
+    k = 3
+    prompts = evaluation.build_prompts(task, pool, k, pool, seed=7)
+    first_shots = evaluation.pick_shots(pool, k, seed=7)
+    for rec, prompt in zip(pool, prompts):
+        shown = [r for r in pool if f"Review: {r['text']}\n" in prompt and r is not rec]
+        assert prompt.count("Review: ") == k + 1, prompt
+        assert prompt.count(f"Review: {rec['text']}\n") == 1  # only as the question
+        assert len(shown) == k
+        if rec not in first_shots:  # the fixed shots, unless the evaluated one is among them
+            assert [s["text"] for s in first_shots] == [r["text"] for r in sorted(
+                shown, key=lambda r: prompt.index(f"Review: {r['text']}\n"))]
+    assert evaluation.build_prompts(task, pool[:2], 0, pool) == [task.prompt(r) for r in pool[:2]]
+    with pytest.raises(ConfigError, match="eval.shots=12"):
+        evaluation.build_prompts(task, pool[:1], 12, pool)
