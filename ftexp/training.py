@@ -60,7 +60,7 @@ def common_args(cfg, out_dir: Path, device: str, report_to: list[str]) -> dict:
         data_seed=t.seed,
         bf16=t.bf16,
         fp16=t.fp16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="no",
@@ -78,15 +78,20 @@ def common_args(cfg, out_dir: Path, device: str, report_to: list[str]) -> dict:
 def build_sft_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to, callbacks):
     from trl import SFTConfig, SFTTrainer
 
+    from ftexp.cache import tokenized_prefix
+
+    # prompt/completion rows -> input_ids + completion_mask, shared across a sweep;
+    # SFTTrainer turns the mask into labels (-100 on the prompt) and truncates.
+    train_data, fresh = tokenized_prefix(train_records, tokenizer, cfg, cfg.cache_dir)
+    log.info("train rows: %d (%d tokenized now, %d from the cache)", len(train_data), fresh, len(train_data) - fresh)
+
     args = SFTConfig(
         **common_args(cfg, out_dir, device, report_to),
         completion_only_loss=True,
         max_length=cfg.train.max_length,
         truncation_mode=cfg.train.truncation,
-        pad_token=tokenizer.pad_token,
-        eos_token=tokenizer.eos_token,
     )
-    return SFTTrainer(model=model, args=args, train_dataset=train_records, processing_class=tokenizer,
+    return SFTTrainer(model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
                       callbacks=callbacks)
 
 
@@ -127,6 +132,78 @@ def build_seq2seq_trainer(cfg, model, tokenizer, train_records, out_dir: Path, d
                           processing_class=tokenizer, callbacks=callbacks)
 
 
+def head_has_adapter(model) -> bool:
+    """True when the output head (lm_head) carries a LoRA adapter (lora.include_lm_head)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return isinstance(head, BaseTunerLayer)
+
+
+def tokenize_completion_only(records, tokenizer, max_length: int, truncation: str):
+    """Decoder-only features with labels on the completion only, prepared as TRL's SFTTrainer does.
+
+    input_ids = tokenized prompt + completion + EOS; the completion starts where the
+    tokenized prompt stops being a prefix of that (tokens may merge across the
+    boundary); labels are -100 before it. Cut to ``max_length`` from the end
+    (keep_start) or the start (keep_end); rows left with no label are dropped.
+    """
+    eos = tokenizer.eos_token or ""
+    cut = slice(None, max_length) if truncation == "keep_start" else slice(-max_length, None)
+
+    def encode(batch):
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        completions = [c if c.endswith(eos) else c + eos for c in batch["completion"]]
+        heads = tokenizer(batch["prompt"])["input_ids"]
+        fulls = tokenizer([p + c for p, c in zip(batch["prompt"], completions)])["input_ids"]
+        for head, ids in zip(heads, fulls):
+            start = 0
+            while start < min(len(head), len(ids)) and head[start] == ids[start]:
+                start += 1
+            labels = [-100] * start + ids[start:]
+            out["input_ids"].append(ids[cut])
+            out["attention_mask"].append([1] * len(ids[cut]))
+            out["labels"].append(labels[cut])
+        return out
+
+    data = records.map(encode, batched=True, remove_columns=records.column_names)
+    return data.filter(lambda row: any(label != -100 for label in row["labels"]))
+
+
+def pad_right(pad_id: int):
+    """Collator: right-pad input_ids with ``pad_id``, attention with 0, labels with -100."""
+
+    def collate(rows):
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for r in rows:
+            gap = width - len(r["input_ids"])
+            batch["input_ids"].append(list(r["input_ids"]) + [pad_id] * gap)
+            batch["attention_mask"].append(list(r["attention_mask"]) + [0] * gap)
+            batch["labels"].append(list(r["labels"]) + [-100] * gap)
+        return {k: torch.tensor(v) for k, v in batch.items()}
+
+    return collate
+
+
+def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to,
+                               callbacks):
+    """Decoder-only training when lm_head carries a LoRA adapter (the CommonLit study's setup).
+
+    TRL's SFTTrainer refuses such a model: its loss reads log-probabilities straight
+    from ``lm_head.weight``, so an adapter there would never train. transformers'
+    Trainer computes the loss through the model's own head instead; the rows and the
+    completion-only labels are prepared as SFTTrainer prepares them.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(**common_args(cfg, out_dir, device, report_to), remove_unused_columns=False,
+                             label_names=["labels"])
+    data = tokenize_completion_only(train_records, tokenizer, cfg.train.max_length, cfg.train.truncation)
+    return Trainer(model=model, args=args, train_dataset=data, data_collator=pad_right(tokenizer.pad_token_id),
+                   processing_class=tokenizer, callbacks=callbacks)
+
+
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -136,7 +213,12 @@ def peak_memory_mb(device: str) -> float:
 def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, report_to=(), on_log=None) -> dict:
     """Fit ``model`` on prompt/completion ``train_records``; return train/* metrics."""
     loss_log = LossLog(run_dir / "train_log.jsonl", on_log)
-    build = build_seq2seq_trainer if cfg.model.arch == "seq2seq" else build_sft_trainer
+    if cfg.model.arch == "seq2seq":
+        build = build_seq2seq_trainer
+    elif head_has_adapter(model):
+        build = build_head_adapter_trainer
+    else:
+        build = build_sft_trainer
     trainer = build(cfg, model, tokenizer, train_records, run_dir / "checkpoints", device, list(report_to), [loss_log])
     trainer.remove_callback(PrinterCallback)  # LossLog reports progress instead of raw dicts
     if device == "cuda":
