@@ -96,7 +96,7 @@ def result_row(metrics: dict, objective: str) -> str:
     if "eval/accuracy" in metrics:
         parts.append(f"accuracy {metrics['eval/accuracy']:.3f}  F1 {metrics.get('eval/f1', float('nan')):.3f}")
     for key in ("eval/rouge1", "eval/rougeL", "eval/exact_match", "eval/mcrmse"):
-        if key in metrics:
+        if metrics.get(key) is not None:  # null when nothing parsed (e.g. mcrmse)
             parts.append(f"{key.split('/')[1]} {metrics[key]:.4f}")
     if objective in metrics and not any(objective.split("/")[-1] in p for p in parts):
         parts.append(f"{objective} {metrics[objective]}")

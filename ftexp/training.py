@@ -140,33 +140,21 @@ def head_has_adapter(model) -> bool:
     return isinstance(head, BaseTunerLayer)
 
 
-def tokenize_completion_only(records, tokenizer, max_length: int, truncation: str):
-    """Decoder-only features with labels on the completion only, prepared as TRL's SFTTrainer does.
+def completion_labels(rows, max_length: int, truncation: str):
+    """Rows of input_ids + completion_mask (ftexp.cache) -> input_ids, attention_mask, labels.
 
-    input_ids = tokenized prompt + completion + EOS; the completion starts where the
-    tokenized prompt stops being a prefix of that (tokens may merge across the
-    boundary); labels are -100 before it. Cut to ``max_length`` from the end
-    (keep_start) or the start (keep_end); rows left with no label are dropped.
+    What TRL's SFTTrainer does with the same rows: labels are -100 off the
+    completion, sequences are cut to ``max_length`` from the end (keep_start) or
+    the start (keep_end), and rows left with no label are dropped.
     """
-    eos = tokenizer.eos_token or ""
     cut = slice(None, max_length) if truncation == "keep_start" else slice(-max_length, None)
 
-    def encode(batch):
-        out = {"input_ids": [], "attention_mask": [], "labels": []}
-        completions = [c if c.endswith(eos) else c + eos for c in batch["completion"]]
-        heads = tokenizer(batch["prompt"])["input_ids"]
-        fulls = tokenizer([p + c for p, c in zip(batch["prompt"], completions)])["input_ids"]
-        for head, ids in zip(heads, fulls):
-            start = 0
-            while start < min(len(head), len(ids)) and head[start] == ids[start]:
-                start += 1
-            labels = [-100] * start + ids[start:]
-            out["input_ids"].append(ids[cut])
-            out["attention_mask"].append([1] * len(ids[cut]))
-            out["labels"].append(labels[cut])
-        return out
+    def encode(row):
+        ids = row["input_ids"]
+        labels = [t if m else -100 for t, m in zip(ids, row["completion_mask"])]
+        return {"input_ids": ids[cut], "attention_mask": [1] * len(ids[cut]), "labels": labels[cut]}
 
-    data = records.map(encode, batched=True, remove_columns=records.column_names)
+    data = rows.map(encode, remove_columns=rows.column_names)
     return data.filter(lambda row: any(label != -100 for label in row["labels"]))
 
 
@@ -192,14 +180,17 @@ def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Pa
 
     TRL's SFTTrainer refuses such a model: its loss reads log-probabilities straight
     from ``lm_head.weight``, so an adapter there would never train. transformers'
-    Trainer computes the loss through the model's own head instead; the rows and the
-    completion-only labels are prepared as SFTTrainer prepares them.
+    Trainer computes the loss through the model's own head instead, on the same
+    tokenized rows and with the same completion-only labels as SFTTrainer.
     """
     from transformers import Trainer, TrainingArguments
 
+    from ftexp.cache import tokenized_prefix
+
     args = TrainingArguments(**common_args(cfg, out_dir, device, report_to), remove_unused_columns=False,
                              label_names=["labels"])
-    data = tokenize_completion_only(train_records, tokenizer, cfg.train.max_length, cfg.train.truncation)
+    rows, _ = tokenized_prefix(train_records, tokenizer, cfg, cfg.cache_dir)  # the rows SFTTrainer would get
+    data = completion_labels(rows, cfg.train.max_length, cfg.train.truncation)
     return Trainer(model=model, args=args, train_dataset=data, data_collator=pad_right(tokenizer.pad_token_id),
                    processing_class=tokenizer, callbacks=callbacks)
 

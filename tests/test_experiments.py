@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from single_thread import one_torch_thread  # noqa: F401  (autouse)
 from conftest import CONF, SHARED_DATA, compose_cfg
 from ftexp import recipes
 
@@ -34,6 +35,7 @@ SHRINK = [
     "eval.n=4",
     "eval.batch_size=4",
     "task.generation.max_new_tokens=12",
+    "cache_dir=null",
 ]
 
 WORDS = ("the cat sat on a mat while Anna and Tom talked about lunch plans work trains weather "
@@ -109,7 +111,6 @@ def test_twin_keeps_what_the_preset_sets_but_the_model(tmp_path):
     assert cfg.train.learning_rate == preset.train.learning_rate and cfg.train.optimizer == "paged_adamw_8bit"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_on_its_tiny_twin(experiment, tmp_path):
     preset, cfg = twin_cfg(experiment, tmp_path)
