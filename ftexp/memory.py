@@ -73,7 +73,7 @@ def split_of(model) -> ParamSplit:
     return ParamSplit(total=total, quantizable=quantizable, rows=rows)
 
 
-def _checkpoint_dtype(config) -> torch.dtype | None:
+def checkpoint_dtype(config) -> torch.dtype | None:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -109,7 +109,7 @@ def param_split(mcfg, base_path: str) -> ParamSplit | None:
         model = None
     if model is not None:
         split = split_of(model)
-        split.checkpoint_dtype = _checkpoint_dtype(config)
+        split.checkpoint_dtype = checkpoint_dtype(config)
         return split
     if mcfg.num_params:
         return ParamSplit(total=int(mcfg.num_params), quantizable=int(mcfg.num_params), rows=0, exact=False)
@@ -146,7 +146,8 @@ def available_ram_mb() -> float | None:
 
 def _describe(mcfg, qcfg, split: ParamSplit, dtype) -> str:
     how = qcfg.name if qcfg.name != "none" else str(dtype).replace("torch.", "")
-    return f"model={mcfg.name} ({split.total / 1e9:.2f}B params, {how})"
+    size = f"{split.total / 1e9:.2f}B" if split.total >= 1e9 else f"{split.total / 1e6:.1f}M"
+    return f"model={mcfg.name} ({size} params, {how})"
 
 
 def check(mcfg, qcfg, base_path: str, device: str) -> dict:

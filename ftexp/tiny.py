@@ -56,9 +56,11 @@ def build_config(family: str, vocab_size: int, tokenizer, *, hidden_size: int = 
                            tie_word_embeddings=True, **ids)
     if family == "falcon":
         from transformers import FalconConfig
+        # Falcon-7B's layout: one shared key/value head (multi-query), attention and MLP in parallel
         return FalconConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                            num_attention_heads=num_heads, multi_query=True, parallel_attn=True, bias=False,
-                            new_decoder_architecture=False, alibi=False, **ids)
+                            num_attention_heads=num_heads, ffn_hidden_size=intermediate_size,
+                            max_position_embeddings=max_position_embeddings, multi_query=True, parallel_attn=True,
+                            bias=False, new_decoder_architecture=False, alibi=False, **ids)
     if family == "gpt_neox":
         from transformers import GPTNeoXConfig
         return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,

@@ -78,6 +78,7 @@ def test_cli_prints_the_count(capsys):
     assert presets.main(["experiment=dialogsum_flan_t5_lora"]) == 0
     out = capsys.readouterr().out
     assert "trainable params: 3,538,944 || all params: 251,116,800 || trainable%: 1.4093" in out
+    assert "weights on a GPU with quant=none: ~944 MB" in out
 
 
 def test_cli_without_an_architecture_is_a_clear_error(capsys):

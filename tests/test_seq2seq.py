@@ -12,6 +12,7 @@ from datasets import Dataset
 from single_thread import one_torch_thread  # noqa: F401  (autouse)
 from conftest import compose_cfg
 from ftexp import modeling, recipes, training
+from ftexp.config import ConfigError
 from ftexp.tasks import build_task
 
 SMALL = ["model=tiny_t5", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128",
@@ -76,3 +77,9 @@ def test_t5_trains_and_evaluates_like_a_decoder_only_run(tmp_path, adapter):
     if lora:
         targets = json.loads((saved / "adapter_config.json").read_text())["target_modules"]
         assert sorted(targets) == ["q", "v"]
+
+
+def test_only_t5_is_an_encoder_decoder_twin(tmp_path):
+    cfg = compose_cfg([*SMALL, "model.arch=causal"], tmp_path)
+    with pytest.raises(ConfigError, match=r"model.arch=causal with model.tiny.family=t5"):
+        modeling.build_tiny(cfg.model, ["some text"] * 4, 0, tmp_path / "base")

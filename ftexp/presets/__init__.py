@@ -4,7 +4,8 @@ Each ``<name>.json`` here holds the published ``config.json`` values of a preset
 model (conf/model/<name>.yaml names it in ``model.preset_config``). Built on the
 meta device they yield, with no weights and no network, the parameter count the
 memory check needs and the trainable-parameter count of a LoRA setup, through the
-same target discovery and peft wrapping a real run uses.
+same target discovery and peft wrapping a real run uses. The command line prints
+that count and the weights' memory estimate for a composed config:
 
     python -m ftexp.presets experiment=samsum_falcon_7b_qlora
     python -m ftexp.presets model=llama2_7b lora=default lora.r=32 lora.include_lm_head=true
@@ -138,5 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cfg.model.name} ({cfg.model.preset_config}), {adapter}")
     print(f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} "
           f"|| trainable%: {counts['trainable_pct']:.4f}")
+    from ftexp import memory, modeling
+
+    split = memory.split_of(preset_meta_model(cfg.model.preset_config))
+    dtype = modeling.load_dtype(cfg.model, cfg.quant, "cuda")
+    if dtype == "auto":
+        split.checkpoint_dtype = memory.checkpoint_dtype(load_config(cfg.model.preset_config))
+    print(f"weights on a GPU with quant={cfg.quant.name}: ~{memory.estimate_mb(split, cfg.quant, dtype):,.0f} MB")
     return 0
 
