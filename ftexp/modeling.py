@@ -26,11 +26,11 @@ def pick_device(choice: str = "auto") -> str:
     return choice
 
 
-def _dtype(name: str):
+def _dtype(name: str, key: str = "model.dtype"):
     if name == "auto":
         return "auto"
     if name not in DTYPES:
-        raise ConfigError(f"dtype {name!r}; valid: auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"{key}={name!r}; valid: auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -46,7 +46,7 @@ def quantization_config(qcfg):
         load_in_4bit=True,
         bnb_4bit_quant_type=qcfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=qcfg.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=_dtype(qcfg.bnb_4bit_compute_dtype),
+        bnb_4bit_compute_dtype=_dtype(qcfg.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype"),
     )
 
 
@@ -142,7 +142,7 @@ def load_dtype(mcfg, qcfg, device: str):
     """
     dtype = _dtype(mcfg.dtype)
     if qcfg.name == "nf4":
-        dtype = _dtype(qcfg.bnb_4bit_compute_dtype)
+        dtype = _dtype(qcfg.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype")
     elif qcfg.name == "int8" and device == "cpu" and dtype == "auto":
         dtype = torch.float32
     if device == "cpu" and dtype == torch.float16:
@@ -161,7 +161,7 @@ def load_model(path: str, mcfg, qcfg, device: str):
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
-    requested = _dtype(qcfg.bnb_4bit_compute_dtype if qcfg.name == "nf4" else mcfg.dtype)
+    requested = load_dtype(mcfg, qcfg, "cuda")  # what was asked for, before the CPU fallback
     if device == "cpu" and requested == torch.float16:
         log.warning("float16 is slow or unsupported on CPU; loading in float32 instead")
     kwargs["dtype"] = load_dtype(mcfg, qcfg, device)
