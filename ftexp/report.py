@@ -402,7 +402,9 @@ def _axis_text(v: Any) -> str:
 def _sort_key(cell: Cell) -> tuple:
     n, _ = training_size(cell)
     cfg = cell.config
-    return (not cell.baseline, method_label(cfg, cell.baseline), math.inf if n is None else n,
+    if cell.baseline:  # baselines first: zero-shot, then by number of shots
+        return (False, int(cfg.get("eval.shots") or 0), method_label(cfg, True), 0.0, "")
+    return (True, method_label(cfg, cell.baseline), math.inf if n is None else n,
             float(cfg.get("train.epochs") or 0), json.dumps(cell.values, sort_keys=True, default=str))
 
 

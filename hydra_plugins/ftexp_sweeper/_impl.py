@@ -48,7 +48,7 @@ from typing import Any
 import optuna
 from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
 from ftexp import records
@@ -76,13 +76,14 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
     def __init__(self, sampler: Any, direction: Any, storage: Any, study_name: str | None, n_trials: int | None,
                  n_jobs: int | None, max_failure_rate: float, custom_search_space: str | None,
                  params: DictConfig | None, cells: list | None = None, heartbeat_s: float = 60.0,
-                 stale_after_s: float = 600.0, report: bool = True) -> None:
+                 stale_after_s: float = 600.0, report: bool = True, sampler_factory: Any = None) -> None:
         super().__init__(sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
                          custom_search_space, params)
         self.cells = list(cells) if cells else None
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
         self.report = report
+        self.sampler_factory = sampler_factory
         self.me = sw.worker_id()
 
     # ------------------------------------------------------------------ setup
@@ -147,17 +148,32 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
 
     def _load_study(self, grid_mode: bool) -> optuna.Study:
         url = self._storage_url()
-        storage: Any = url
-        if isinstance(url, str) and "://" in url:
-            kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
         self.study_name_used = self.study_name or self.sweep_dir.name
         sampler = optuna.samplers.RandomSampler() if grid_mode else self.sampler
-        study = optuna.create_study(study_name=self.study_name_used, storage=storage, sampler=sampler,
-                                    directions=self._directions(), load_if_exists=True)
+        for attempt in range(6):
+            try:
+                storage: Any = url
+                if isinstance(url, str) and "://" in url:
+                    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+                    storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+                study = optuna.create_study(study_name=self.study_name_used, storage=storage, sampler=sampler,
+                                            directions=self._directions(), load_if_exists=True)
+                break
+            except Exception as err:  # workers starting together race to create the schema
+                if attempt == 5 or "IntegrityError" not in type(err).__name__ + repr(err) and \
+                        "locked" not in str(err):
+                    raise
+                sw.backoff(attempt)
         self.storage_shown = url if isinstance(url, str) else type(url).__name__
         n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         log.info("Study %r in %s: %d finished trial(s) stored", study.study_name, self.storage_shown, n)
+        n_all = len(study.get_trials(deepcopy=False))
+        if not grid_mode and n_all and self.sampler_factory is not None:
+            # A seeded sampler restarted with its first seed replays its first suggestions: the
+            # resumed search would repeat finished trials. Continue the seed sequence instead.
+            resumed = self.sampler_factory(n_all)
+            if resumed is not None:
+                study.sampler = self.sampler = resumed
         return study
 
     def _directions(self) -> list[str]:
@@ -390,7 +406,7 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
     def _fingerprint(self, overrides: list[str]) -> str | None:
         try:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with OmegaConf.open_dict(cfg):
+            with open_dict(cfg):
                 del cfg["hydra"]
             return records.experiment_fingerprint(records.config_dict(cfg))
         except Exception as err:  # a config that does not compose fails in its job, with the reason

@@ -54,11 +54,18 @@ class FtexpSweeper(Sweeper):
     def __init__(self, sampler: Any, **kwargs: Any) -> None:
         from ._impl import FtexpSweeperImpl
 
-        sampler = instantiate(
-            sampler,
-            _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"),
-        )
-        self.sweeper = FtexpSweeperImpl(sampler=sampler, **kwargs)
+        whitelist = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
+        sampler_cfg = sampler
+
+        def resumed_sampler(n_trials_stored: int) -> Any:
+            """The sampler for a study that already holds trials: seed + their number."""
+            seed = sampler_cfg.get("seed") if hasattr(sampler_cfg, "get") else None
+            if seed is None:
+                return None
+            return instantiate(sampler_cfg, seed=int(seed) + n_trials_stored, _execution_whitelist_=whitelist)
+
+        sampler = instantiate(sampler, _execution_whitelist_=whitelist)
+        self.sweeper = FtexpSweeperImpl(sampler=sampler, sampler_factory=resumed_sampler, **kwargs)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)

@@ -1,0 +1,173 @@
+"""python -m ftexp.report: a sweep dir of run folders -> results.md / results.csv / results.png.
+
+The sweeps here are written by hand (config.yaml + metrics.json or failed.json per run folder),
+so every case runs in well under a second."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from ftexp import records, report
+
+
+def make_run(root, name, *, n=100, epochs=1, seed=42, r=8, lora=True, quant="nf4", kind="classification",
+             metrics=None, error=None, shots=None, objective="eval/accuracy", **extra):
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = {"model": {"name": "llama2_13b"}, "quant": {"name": quant}, "lora": {"enabled": lora, "r": r},
+           "train": {"n": n, "epochs": epochs, "max_steps": None, "seed": seed, **extra},
+           "task": {"kind": kind}, "eval": {"shots": shots or 0}, "objective": objective,
+           "logger": {"name": "none"}, "output_dir": None, "run_name": name}
+    OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
+    if metrics is not None:
+        base = {"train/loss_first": 2.5, "train/loss_last": 0.5, "train/runtime_s": 60.0, "eval/runtime_s": 12.0,
+                "train/peak_memory_mb": 9000.0, "train/trainable_params": 62_586_880, "eval/irregular": 3,
+                "train/samples": n if n is not None else 67349}
+        records.write_metrics({**base, **metrics}, run)
+    if error is not None:
+        try:
+            raise RuntimeError(error)
+        except RuntimeError as err:
+            records.write_failure(run, err)
+    return run
+
+
+@pytest.fixture
+def study(tmp_path):
+    """The SST-2 study's shape with one failed cell (CUDA out of memory at the full set)."""
+    sweep = tmp_path / "sst2_study-llama2_13b"
+    make_run(sweep, "0_n=100_epochs=1", n=100, epochs=1, metrics={"eval/accuracy": 0.80, "eval/f1": 0.79})
+    make_run(sweep, "1_n=100_epochs=10", n=100, epochs=10, metrics={"eval/accuracy": 0.88, "eval/f1": 0.87})
+    make_run(sweep, "2_n=1000_epochs=1", n=1000, epochs=1, metrics={"eval/accuracy": 0.93, "eval/f1": 0.93})
+    make_run(sweep, "3_n=null_epochs=1", n=None, epochs=1, error="CUDA out of memory. Tried to allocate 20.00 MiB")
+    return sweep
+
+
+def test_report_renders_a_sweep_with_one_failed_trial(study):
+    md, csv_path, png = report.write_report(study)
+    text = md.read_text()
+    assert "| Method | # training data (epochs) | Accuracy | F1 | training loss first→last | Irregular output |" in text
+    assert "| llama2_13b · QLoRA (r=8) | 100 (10) | 0.880 | 0.870 | 2.500 → 0.500 | 3 | 72.0 s | 9,000 MB | 62.59M |" \
+        in text
+    failed_row = next(line for line in text.splitlines() if line.startswith("| llama2_13b") and "full" in line)
+    assert "failed" in failed_row and "CUDA out of memory" in failed_row
+    assert "3 finished, 1 failed" in text
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 4
+    assert [r["# training data"] for r in rows] == ["100", "100", "1000", ""]
+    assert rows[3]["Status"].startswith("failed: RuntimeError: CUDA out of memory")
+    assert png.stat().st_size > 1000
+
+
+def test_rows_follow_the_study_order_and_accuracy_column_reads_back(study):
+    report.write_report(study)
+    rows = list(csv.DictReader((study / "results.csv").open()))
+    assert [(r["# training data"], r["epochs"]) for r in rows[:3]] == [("100", "1"), ("100", "10"), ("1000", "1")]
+    assert [float(r["Accuracy"]) for r in rows[:3]] == [0.80, 0.88, 0.93]
+
+
+def test_seeds_give_mean_std_and_the_number_of_seeds(tmp_path):
+    sweep = tmp_path / "seeds"
+    for seed, acc in ((1, 0.80), (2, 0.90), (3, 0.85)):
+        make_run(sweep, f"{seed}_n=100_seed={seed}", n=100, seed=seed, metrics={"eval/accuracy": acc, "eval/f1": acc})
+    make_run(sweep, "4_n=1000_seed=1", n=1000, seed=1, metrics={"eval/accuracy": 0.9, "eval/f1": 0.9})
+    make_run(sweep, "5_n=1000_seed=2", n=1000, seed=2, error="boom")
+    text = report.write_report(sweep)[0].read_text()
+    assert "| Seeds | Status |" in text
+    row = next(line for line in text.splitlines() if "| 100 (1) |" in line)
+    assert "0.850 ± 0.050" in row and "| 3 | ok |" in row
+    row = next(line for line in text.splitlines() if "| 1,000 (1) |" in line)
+    assert "| 1/2 | 1 ok, 1 failed: RuntimeError: boom |" in row
+
+
+def test_a_retried_cell_shows_its_success_once(tmp_path):
+    sweep = tmp_path / "retried"
+    make_run(sweep, "0_n=100", n=100, error="interrupted")
+    make_run(sweep, "1_n=100", n=100, metrics={"eval/accuracy": 0.9, "eval/f1": 0.9})
+    make_run(sweep, "2_n=500", n=500, metrics={"eval/accuracy": 0.95, "eval/f1": 0.95})
+    rows = list(csv.DictReader(report.write_report(sweep)[1].open()))
+    assert [(r["# training data"], r["Status"]) for r in rows] == [("100", "ok"), ("500", "ok")]
+
+
+def test_metric_columns_follow_the_task(tmp_path):
+    summ = tmp_path / "summ"
+    for n in (10, 20):
+        make_run(summ, f"n{n}", n=n, kind="summarization", objective="eval/rougeL",
+                 metrics={"eval/rouge1": 0.4, "eval/rouge2": 0.2, "eval/rougeL": 0.3})
+    assert "| ROUGE-1 | ROUGE-2 | ROUGE-L |" in report.write_report(summ)[0].read_text()
+    score = tmp_path / "score"
+    for n in (10, 20):
+        make_run(score, f"n{n}", n=n, kind="scoring", objective="eval/mcrmse", metrics={"eval/mcrmse": 0.6})
+    text = report.write_report(score)[0].read_text()
+    assert "| MCRMSE |" in text and "(minimize)" in text
+    qa = tmp_path / "qa"
+    for n in (10, 20):
+        make_run(qa, f"n{n}", n=n, kind="qa", objective="eval/token_f1",
+                 metrics={"eval/exact_match": 0.1, "eval/token_f1": 0.3})
+    assert "| Exact match | Token F1 |" in report.write_report(qa)[0].read_text()
+
+
+def test_swept_values_outside_method_and_size_get_their_own_column(tmp_path):
+    sweep = tmp_path / "lr"
+    for lr in (1e-4, 3e-4):
+        make_run(sweep, f"lr{lr}", n=100, learning_rate=lr, metrics={"eval/accuracy": 0.9, "eval/f1": 0.9})
+    text = report.write_report(sweep)[0].read_text()
+    assert "| train.learning_rate |" in text and "| 0.0003 |" in text
+
+
+def test_baseline_rows_come_from_evaluate_run_dirs(study, tmp_path):
+    zero = make_run(tmp_path / "baselines", "zero", n=None, lora=False, quant="none", shots=0,
+                    metrics={"eval/accuracy": 0.62, "eval/f1": 0.55, "eval/shots": 0})
+    five = make_run(tmp_path / "baselines", "five", n=None, lora=False, quant="none", shots=5,
+                    metrics={"eval/accuracy": 0.71, "eval/f1": 0.70, "eval/shots": 5})
+    text = report.write_report(study, baselines=[zero, five])[0].read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| llama2_13b")]
+    assert lines[0].startswith("| llama2_13b · zero-shot prompt | 0 | 0.620")
+    assert lines[1].startswith("| llama2_13b · 5-shot prompt | 0 | 0.710")
+    assert len(lines) == 6
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ftexp.report", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_prints_the_table_and_writes_the_files(study):
+    done = run_cli(study)
+    assert done.returncode == 0, done.stderr
+    assert "| Method |" in done.stdout and "results.png" in done.stdout
+    assert (study / "results.md").exists() and (study / "results.csv").exists() and (study / "results.png").exists()
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "No runs under"),
+])
+def test_bad_input_is_a_clear_message_and_a_nonzero_exit(tmp_path, make, needle):
+    done = run_cli(make(tmp_path))
+    assert done.returncode == 2
+    assert needle in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_baseline_without_results_is_refused(study, tmp_path):
+    (tmp_path / "nothing").mkdir()
+    done = run_cli(study, "--baseline", tmp_path / "nothing")
+    assert done.returncode == 2 and "holds no finished run" in done.stderr
+
+
+def test_the_report_reads_a_run_that_failed_before_writing_its_config(tmp_path):
+    sweep = tmp_path / "early"
+    make_run(sweep, "0_ok", n=100, metrics={"eval/accuracy": 0.9, "eval/f1": 0.9})
+    early = sweep / "1_bad" / ".hydra"
+    early.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"train": {"n": 0}, "objective": "eval/accuracy"}), early / "config.yaml")
+    (sweep / "1_bad" / "failed.json").write_text(json.dumps({"status": "failed", "error": "ConfigError: train.n=0"}))
+    text = report.write_report(sweep)[0].read_text()
+    assert "failed: ConfigError: train.n=0" in text

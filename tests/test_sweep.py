@@ -1,0 +1,206 @@
+"""The sweep's building blocks, without training: grid cells, override text, run names,
+liveness of a sweeper process, GPU slots, reuse of finished runs, and the sweep configs in
+sweeps/ as Hydra composes them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ftexp import records
+from ftexp import sweep as sw
+from conftest import CONF, ROOT
+
+# ----------------------------------------------------------------------------- grid cells
+
+
+def test_expand_grid_is_the_product_of_the_axes_in_order():
+    cells = sw.expand_grid({"train.n": [100, 1000], "train.epochs": [1, 3]})
+    assert cells == [{"train.n": 100, "train.epochs": 1}, {"train.n": 100, "train.epochs": 3},
+                     {"train.n": 1000, "train.epochs": 1}, {"train.n": 1000, "train.epochs": 3}]
+
+
+def test_explicit_cells_cross_the_other_axes_and_a_swept_cell_key_regrids_it():
+    cells = [sw.parse_cell(c) for c in ("train.n=100 train.epochs=10", "train.n=100 train.epochs=20",
+                                        "train.n=null train.epochs=1")]
+    assert sw.expand_grid({}, cells) == [{"train.n": 100, "train.epochs": 10}, {"train.n": 100, "train.epochs": 20},
+                                         {"train.n": None, "train.epochs": 1}]
+    # seeds as an extra axis: every cell once per seed
+    assert len(sw.expand_grid({"train.seed": [1, 2, 3]}, cells)) == 9
+    # both cell keys swept on the command line: the plain grid (sst2_study shrunk for the tiny model)
+    regrid = sw.expand_grid({"train.n": [100, 1000, 5000], "train.epochs": [1, 3]}, cells)
+    assert len(regrid) == 6 and {c["train.n"] for c in regrid} == {100, 1000, 5000}
+    # one cell key swept: the cells lose that key (duplicates dropped), then cross the new values
+    one = sw.expand_grid({"train.n": [10, 20]}, cells)
+    assert [c["train.epochs"] for c in one] == [10, 10, 20, 20, 1, 1]
+
+
+def test_cells_hold_single_values():
+    with pytest.raises(ValueError, match="sweeps"):
+        sw.parse_cell("train.n=100,200")
+    with pytest.raises(ValueError, match="empty"):
+        sw.parse_cell("  ")
+
+
+@pytest.mark.parametrize("value", [None, True, 3, 0.0002693883019285409, 1e-5, "tiny", "a b", "n=1,2", "null"])
+def test_format_value_round_trips_through_the_override_parser(value):
+    assert sw.parse_value(sw.format_value(value)) == value
+
+
+def test_grid_choices_in_override_text_become_values():
+    assert sw.normalize("null") is None and sw.normalize("100") == 100 and sw.normalize(7) == 7
+
+
+def test_run_and_folder_names_come_from_the_swept_values():
+    values = {"train.n": 100, "train.epochs": 10.0, "train.learning_rate": 0.000123456}
+    assert sw.run_name(values) == "n=100 epochs=10 learning_rate=0.000123"
+    assert sw.folder_name(7, values) == "7_n=100_epochs=10_learning_rate=0.000123"
+    assert sw.folder_name(3, {"train.seed": 1, "data.seed": 2}) == "3_train.seed=1_data.seed=2"
+    assert sw.folder_name(4, {"data.path": "a/b c"}) == "4_path=a-b_c"
+
+
+@pytest.mark.parametrize("objective,direction", [("eval/accuracy", "maximize"), ("eval/rouge1", "maximize"),
+                                                 ("eval/mcrmse", "minimize"), ("train/loss_last", "minimize")])
+def test_direction_follows_the_objective(objective, direction):
+    assert sw.objective_direction(objective) == direction
+
+
+# ----------------------------------------------------------------------------- liveness and GPUs
+
+
+def test_a_sweeper_process_is_alive_until_it_exits():
+    assert sw.worker_alive(sw.worker_id(), None, stale_after_s=600)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    me = sw.worker_id(proc.pid)
+    proc.wait()
+    assert not sw.worker_alive(me, None, stale_after_s=600)
+
+
+def test_another_machine_is_alive_while_its_heartbeat_is_fresh():
+    other = "elsewhere/boot|123|456"
+    assert sw.worker_alive(other, heartbeat=1000.0, stale_after_s=60, now=1030.0)
+    assert not sw.worker_alive(other, heartbeat=1000.0, stale_after_s=60, now=1100.0)
+    assert not sw.worker_alive(other, heartbeat=None, stale_after_s=60)
+
+
+def test_parallel_workers_take_different_gpus_and_keep_them(tmp_path):
+    code = ("import sys, time; from ftexp import sweep; "
+            "print(sweep.pin_worker_gpu(sys.argv[1], int(sys.argv[2])), flush=True); "
+            "print(sweep.pin_worker_gpu(sys.argv[1], 5), flush=True); time.sleep(float(sys.argv[3]))")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "4,6"}
+    env.pop("SLURM_JOB_ID", None)
+    first = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "0", "3"], env=env, cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    mine = [first.stdout.readline().strip(), first.stdout.readline().strip()]
+    # a second worker whose job number also points at slot 0 finds it taken and takes the other GPU
+    second = subprocess.run([sys.executable, "-c", code, str(tmp_path), "0", "0"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    first.wait()
+    assert mine == ["4", "4"]  # kept for the life of the process, whatever the next job number
+    assert second == ["6", "6"]
+
+
+# ----------------------------------------------------------------------------- reuse and records
+
+
+def test_a_finished_run_with_the_same_config_is_reused_and_a_changed_one_is_not(tmp_path):
+    cfg = OmegaConf.create({"train": {"n": 100, "seed": 1}, "logger": {"name": "none"}, "run_name": None,
+                            "output_dir": str(tmp_path)})
+    records.write_config(cfg, tmp_path)
+    assert records.reusable_metrics(tmp_path, cfg) is None  # no metrics.json: not finished
+    records.write_metrics({"eval/accuracy": 0.9}, tmp_path)
+    assert records.reusable_metrics(tmp_path, cfg) == {"eval/accuracy": 0.9}
+    renamed = OmegaConf.merge(cfg, {"run_name": "n=100", "logger": {"name": "wandb"}})
+    assert records.reusable_metrics(tmp_path, renamed) == {"eval/accuracy": 0.9}  # logging is not the experiment
+    other = OmegaConf.merge(cfg, {"train": {"seed": 2}})
+    assert records.reusable_metrics(tmp_path, other) is None
+
+
+def test_failure_record_has_the_error_and_the_traceback(tmp_path):
+    try:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except RuntimeError as err:
+        records.write_failure(tmp_path, err, out_of_memory=sw.is_out_of_memory(err))
+    failure = json.loads((tmp_path / "failed.json").read_text())
+    assert failure["status"] == "failed" and failure["out_of_memory"] is True
+    assert "CUDA out of memory" in failure["error"] and "Traceback" in failure["traceback"]
+
+
+def test_a_config_error_exit_is_explained_by_the_config_error():
+    from ftexp.config import ConfigError
+
+    try:
+        try:
+            raise ConfigError("train.n=0: need at least 1 row")
+        except ConfigError:
+            sys.exit(2)
+    except SystemExit as exc:
+        line, cause = sw.error_summary(exc)
+    assert line == "ConfigError: train.n=0: need at least 1 row" and isinstance(cause, ConfigError)
+
+
+def test_trial_function_records_a_failure_and_raises_a_plain_error(tmp_path):
+    def boom(cfg):
+        raise MemoryError("out of memory")
+
+    fn = sw.TrialFunction(boom, os.getpid(), str(tmp_path / "slots"))
+    cfg = OmegaConf.create({"output_dir": str(tmp_path / "run"), "train": {"n": 1}})
+    with pytest.raises(sw.TrialFailed, match="MemoryError: out of memory"):
+        fn(cfg)
+    assert json.loads((tmp_path / "run" / "failed.json").read_text())["out_of_memory"] is True
+    assert (tmp_path / "run" / "config.yaml").exists()  # the report can still place the failed cell
+
+
+def test_credentials_are_scrubbed_but_settings_that_mention_tokens_are_not():
+    out = records.scrub({"hf_token": "x", "WANDB_API_KEY": "y", "client_secret": "z", "model": {"token": "t"},
+                         "note": "hf_" + "a" * 34, "tokenizer_max_texts": 10, "max_new_tokens": 8, "pad_token": "<pad>"})
+    assert out["hf_token"] == out["WANDB_API_KEY"] == out["client_secret"] == out["model"]["token"] == "<redacted>"
+    assert out["note"] == "<redacted>"
+    assert out["tokenizer_max_texts"] == 10 and out["max_new_tokens"] == 8 and out["pad_token"] == "<pad>"
+
+
+# ----------------------------------------------------------------------------- the sweep configs
+
+
+def compose_sweep(*overrides):
+    with initialize_config_dir(config_dir=str(CONF)):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_every_sweep_config_opens_with_a_comment_naming_its_command():
+    for path in sorted((ROOT / "sweeps").rglob("*.yaml")):
+        head = path.read_text().splitlines()[:12]
+        assert head[0].startswith("#"), path
+        assert any("python train.py -m" in line for line in head), path
+
+
+def test_sst2_study_is_the_nine_cells_of_the_study_on_its_experiment():
+    cfg = compose_sweep("+sweep=sst2_study")
+    assert cfg.hydra.runtime.choices["hydra/sweeper"] == "ftexp"
+    assert cfg.model.name == "llama2_13b" and cfg.quant.name == "nf4" and cfg.data.name == "sst2"
+    cells = [sw.parse_cell(c) for c in cfg.hydra.sweeper.cells]
+    assert len(cells) == 9
+    assert [c["train.epochs"] for c in cells if c["train.n"] == 100] == [1, 10, 20, 50]
+    assert [c["train.n"] for c in cells if c["train.epochs"] == 1] == [100, 500, 1000, 5000, 10000, None]
+    assert str(cfg.hydra.sweep.dir).endswith("sst2_study-llama2_13b")
+
+
+def test_rank_sweeps_train_adapters_even_on_the_tiny_model():
+    grid = compose_sweep("+sweep=data_epochs_rank", "model=tiny")
+    assert grid.lora.enabled and grid.hydra.runtime.choices["hydra/sweeper/sampler"] == "grid"
+    assert set(grid.hydra.sweeper.params) == {"train.n", "train.epochs", "lora.r"}
+    search = compose_sweep("+sweep=rank_search", "model=tiny", "hydra.sweeper.n_trials=4")
+    assert search.lora.enabled and search.train.n == 1000 and search.hydra.sweeper.n_trials == 4
+    assert "interval(4, 64)" in search.hydra.sweeper.params["lora.r"]
+
+
+def test_a_sweep_group_that_does_not_exist_lists_the_ones_that_do():
+    with pytest.raises(Exception) as err:
+        compose_sweep("+sweep=nope")
+    assert "sst2_study" in str(err.value) and "rank_search" in str(err.value)

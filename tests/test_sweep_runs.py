@@ -1,0 +1,139 @@
+"""Sweeps run for real: `python train.py -m` as a subprocess on the tiny model, a few seconds
+per trial. Each test has its own sweep dir (hydra.sweep.dir) and therefore its own study."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+# A trial in a few seconds: the smallest tiny model, one optimizer step, a handful of rows.
+FAST = [
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=1",
+    "model.tiny.vocab_size=300", "model.tiny.tokenizer_max_texts=200", "data.generator.train_size=64",
+    "data.generator.eval_size=16", "eval.n=8", "eval.batch_size=8", "train.max_steps=1", "train.save_model=false",
+    "cache_dir=null", "hydra/job_logging=disabled",
+]
+
+
+def sweep_cmd(sweep_dir, *args, sampler="grid"):
+    return [sys.executable, str(ROOT / "train.py"), "-m", "hydra/sweeper=ftexp", f"hydra/sweeper/sampler={sampler}",
+            f"hydra.sweep.dir={sweep_dir}", *FAST, *args]
+
+
+def env():
+    return {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_sweep(sweep_dir, *args, sampler="grid", timeout=300):
+    done = subprocess.run(sweep_cmd(sweep_dir, *args, sampler=sampler), cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def trials(sweep_dir):
+    study = optuna.load_study(study_name=sweep_dir.name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+def cells_of(ts, state=TrialState.COMPLETE):
+    return sorted((t.user_attrs["train.n"], t.user_attrs["train.seed"]) for t in ts if t.state == state)
+
+
+def metrics_mtimes(sweep_dir):
+    return {p.parent.name: p.stat().st_mtime_ns for p in sweep_dir.glob("*/metrics.json")}
+
+
+def test_a_2x2_grid_writes_the_table_and_a_rerun_runs_nothing(tmp_path):
+    sweep = tmp_path / "grid"
+    axes = ["train.n=16,32", "train.epochs=1,2", "train.max_steps=null", "train.batch_size=16"]
+    run_sweep(sweep, *axes)
+    ts = trials(sweep)
+    assert len(ts) == 4 and all(t.state == TrialState.COMPLETE for t in ts)
+    folders = sorted(p.name for p in sweep.iterdir() if (p / "metrics.json").exists())
+    assert folders == ["0_n=16_epochs=1", "1_n=16_epochs=2", "2_n=32_epochs=1", "3_n=32_epochs=2"]
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert [(r["# training data"], r["epochs"], r["Status"]) for r in rows] == [
+        ("16", "1.0", "ok"), ("16", "2.0", "ok"), ("32", "1.0", "ok"), ("32", "2.0", "ok")]
+    md = (sweep / "results.md").read_text()
+    assert "| tiny · full fine-tune | 32 (2) |" in md and (sweep / "results.png").exists()
+
+    before = metrics_mtimes(sweep)
+    again = run_sweep(sweep, *axes)
+    assert len(trials(sweep)) == 4  # exhausted grid: no cell runs again
+    assert metrics_mtimes(sweep) == before
+    assert "this invocation ran 0" in again.stdout + again.stderr
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    sweep = tmp_path / "killed"
+    # three cells; n=0 is refused by the config checks, so it is also the sweep's failed trial
+    axes = ["train.n=16,32,0"]
+    proc = subprocess.Popen(sweep_cmd(sweep, *axes), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not list(sweep.glob("*/metrics.json")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert list(sweep.glob("*/metrics.json")), "the first trial never finished"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: a crash, not a Ctrl-C
+        proc.wait()
+    first = metrics_mtimes(sweep)
+    assert list(first) == ["0_n=16"]
+
+    run_sweep(sweep, *axes)
+    ts = trials(sweep)
+    complete = sorted(t.user_attrs["train.n"] for t in ts if t.state == TrialState.COMPLETE)
+    assert complete == [16, 32]  # each finished cell once; n=16 was not run again
+    assert metrics_mtimes(sweep)["0_n=16"] == first["0_n=16"]
+    failed = {t.user_attrs["train.n"]: t.user_attrs["ftexp:error"] for t in ts if t.state == TrialState.FAIL}
+    assert "ConfigError" in failed[0] and "train.n=0" in failed[0]
+    # the trial killed mid-run (if the kill caught one) is marked interrupted and its cell ran again
+    assert all("interrupted" in e for n, e in failed.items() if n != 0)
+    folder = next(p for p in sweep.iterdir() if p.name.endswith("_n=0"))
+    assert "train.n=0" in (folder / "failed.json").read_text()
+    md = (sweep / "results.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| tiny") and "| 0 (1 step) |" in line)
+    assert "failed: ConfigError: train.n=0" in row
+
+
+def test_two_workers_on_one_storage_run_each_cell_once(tmp_path):
+    sweep = tmp_path / "shared"
+    axes = ["train.n=16,32", "train.seed=1,2"]
+    procs = [subprocess.Popen(sweep_cmd(sweep, *axes), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    ts = trials(sweep)
+    assert cells_of(ts) == [(16, 1), (16, 2), (32, 1), (32, 2)]  # every cell finished exactly once
+    assert len([t for t in ts if t.state == TrialState.COMPLETE]) == 4
+    # no cell was trained twice: one run folder (one train_log.jsonl) per cell
+    assert len(list(sweep.glob("*/train_log.jsonl"))) == 4
+    workers = {t.system_attrs["ftexp:worker"] for t in ts if t.state == TrialState.COMPLETE}
+    assert len(workers) == 2  # both did a share
+
+
+def test_a_search_budget_counts_trials_already_in_the_study(tmp_path):
+    sweep = tmp_path / "search"
+    search = ["+sweep=rank_search", "train.n=16"]  # TPE over lora.r, learning rate, epochs
+    run_sweep(sweep, *search, "hydra.sweeper.n_trials=1", sampler="tpe")
+    run_sweep(sweep, *search, "hydra.sweeper.n_trials=2", sampler="tpe")
+    ts = trials(sweep)
+    complete = [t for t in ts if t.state == TrialState.COMPLETE]
+    assert len(ts) == len(complete) == 2  # 1 + 1 more, not 1 + 2
+    assert complete[0].params != complete[1].params  # the resumed seeded sampler did not replay trial 0
+    assert sorted(p.parent.name.split("_")[0] for p in sweep.glob("*/metrics.json")) == ["0", "1"]
