@@ -305,16 +305,22 @@ _PINNED: dict[str, Any] = {}
 
 
 def visible_gpus() -> list[str]:
-    """The GPU ids this process may use, without starting CUDA in it."""
+    """The GPU ids this process may use. Asks nvidia-smi rather than torch: torch caches its
+    device count, which would go stale once CUDA_VISIBLE_DEVICES is narrowed."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    try:
-        import torch
+    import shutil
+    import subprocess
 
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:
+    if shutil.which("nvidia-smi") is None:
         return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
 
 
 def pin_worker_gpu(lock_dir: str, job_num: int) -> str | None:

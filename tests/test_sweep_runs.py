@@ -4,6 +4,7 @@ per trial. Each test has its own sweep dir (hydra.sweep.dir) and therefore its o
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -137,3 +138,62 @@ def test_a_search_budget_counts_trials_already_in_the_study(tmp_path):
     assert len(ts) == len(complete) == 2  # 1 + 1 more, not 1 + 2
     assert complete[0].params != complete[1].params  # the resumed seeded sampler did not replay trial 0
     assert sorted(p.parent.name.split("_")[0] for p in sweep.glob("*/metrics.json")) == ["0", "1"]
+
+
+def wandb_records(path):
+    """The records of an offline W&B run file (a LevelDB-style log of protobuf records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        buf = chunk if kind in (1, 2) else buf + chunk  # full/first start a record, middle/last extend it
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+
+
+def key_of(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def test_wandb_offline_logs_each_trial_grouped_by_sweep_and_named_by_its_values(tmp_path):
+    sweep = tmp_path / "tracked"
+    fake_token = "hf_" + "Q" * 34
+    environ = {**env(), "HF_TOKEN": fake_token}
+    for key in ("WANDB_MODE", "WANDB_API_KEY"):
+        environ.pop(key, None)
+    # one trial, its cell given as an explicit cell list on the command line
+    done = subprocess.run(sweep_cmd(sweep, 'hydra.sweeper.cells=["train.n=16"]', "logger=wandb", "train.logging_steps=1"),
+                          cwd=ROOT,
+                          env=environ, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "wandb sync" in done.stdout + done.stderr  # the user is told how to upload the offline runs
+    names = set()
+    for run_file in sorted(sweep.glob("*_n=*/wandb/offline-run-*/run-*.wandb")):
+        recs = list(wandb_records(run_file))
+        run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+        names.add(run.display_name)
+        assert run.run_group == "tracked"
+        config = {i.key: json.loads(i.value_json) for i in run.config.update}
+        assert config["train"]["n"] == 16 and config["objective"] == "eval/accuracy"
+        history = {key_of(i) for r in recs if r.WhichOneof("record_type") == "history" for i in r.history.item}
+        assert "train/loss" in history and "predictions" in {k.split("/")[0] for k in history}
+        summary = {key_of(i) for r in recs if r.WhichOneof("record_type") == "summary" for i in r.summary.update}
+        assert {"eval/accuracy", "eval/f1", "eval/irregular"} <= summary
+    assert names == {"n=16"}
+    assert list(sweep.glob("wandb/offline-run-*/run-*.wandb"))  # the results table, logged at the end
+    for path in sweep.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert fake_token.encode() not in path.read_bytes(), path
