@@ -16,7 +16,12 @@ def run_guarded(fn, cfg, objective: str | None = None):
     message and exit code 2 instead of a traceback."""
     try:
         metrics = fn(cfg)
-        return objective_value(metrics, objective) if objective else metrics
+        if not objective:
+            return metrics
+        if objective not in metrics and objective.startswith("eval/") and not cfg.eval.enabled:
+            log.warning("eval.enabled=false: no %s to return; the run's results are in its directory.", objective)
+            return None
+        return objective_value(metrics, objective)
     except ConfigError as err:
         log.error("%s", err)
         print(f"ftexp: error: {err}", file=sys.stderr, flush=True)

@@ -76,7 +76,9 @@ def _load_local(dcfg) -> DatasetDict:
         table = _read_file(path, dcfg.format)
         return DatasetDict({dcfg.train_split: table})
     splits = {}
-    for split in (dcfg.train_split, dcfg.eval_split):
+    # With data.eval_fraction the eval rows are carved out of train: no eval file needed.
+    wanted = (dcfg.train_split,) if dcfg.eval_fraction else (dcfg.train_split, dcfg.eval_split)
+    for split in wanted:
         splits[split] = _read_file(_find_split_file(path, split, files), dcfg.format)
     return DatasetDict(splits)
 

@@ -3,7 +3,6 @@ fail early with a message that names the key."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException as HydraCompositionError

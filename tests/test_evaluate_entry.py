@@ -7,20 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from omegaconf import open_dict
 
 from conftest import compose_cfg, run_script
 from ftexp import recipes
 from ftexp.config import ConfigError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

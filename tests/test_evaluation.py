@@ -25,15 +25,6 @@ def _records():
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a shared CPU stays usable)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trained(one_thread):
     """A tiny Llama trained on the prompts until greedy decoding answers every one."""

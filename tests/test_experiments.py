@@ -10,7 +10,6 @@ import random
 
 import pytest
 
-from single_thread import one_torch_thread  # noqa: F401  (autouse)
 from conftest import CONF, SHARED_DATA, compose_cfg
 from ftexp import recipes
 

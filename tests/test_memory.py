@@ -11,7 +11,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from single_thread import one_torch_thread  # noqa: F401  (autouse)
 from conftest import compose_cfg
 from ftexp import memory, modeling, recipes
 from ftexp.config import ConfigError

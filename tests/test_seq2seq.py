@@ -9,7 +9,6 @@ import json
 import pytest
 from datasets import Dataset
 
-from single_thread import one_torch_thread  # noqa: F401  (autouse)
 from conftest import compose_cfg
 from ftexp import modeling, recipes, training
 from ftexp.config import ConfigError

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from omegaconf import open_dict
 
 from conftest import compose_cfg
 from ftexp import modeling, recipes, training
@@ -75,7 +73,6 @@ def test_quantized_lora_runs_go_through_on_the_tiny_model(tmp_path, quant):
     import bitsandbytes as bnb
     kinds = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}
     # the adapters sit on quantized layers: the quantized base was really used
-    from peft import PeftModel
     base = modeling.load_model(str(tmp_path / "base_model"), cfg.model, cfg.quant, "cpu")
     assert any(isinstance(m, kinds[quant]) for m in base.modules())
 
