@@ -20,8 +20,10 @@ What differs from the stock sweeper (hydra-optuna-sweeper 1.4.0rc3) and why:
   the sweep dir; on a match the trial is launched into that folder, where ``finetune`` finds
   ``metrics.json`` for the same config and returns it without training.
 * Interrupted sweeps: a RUNNING trial whose sweeper process is gone (same machine: checked by
-  pid; another machine: heartbeat older than ``stale_after_s``) is marked FAIL ("interrupted")
-  and its cell or parameters are run again.
+  pid; another machine: heartbeat older than ``stale_after_s``) is taken over by the next
+  sweeper and run again as the same trial, in its own folder (where a ``metrics.json`` written
+  just before the crash is reused). An interruption leaves no failed trial behind; a trial
+  interrupted three times is marked failed.
 * Failures: a trial that raises is told FAIL with its error in the user attribute
   ``ftexp:error`` (and ``failed.json`` in its folder); the sweep goes on unless
   ``max_failure_rate`` is exceeded.
@@ -62,6 +64,9 @@ log = logging.getLogger(__name__)
 CELL = "ftexp:cell"  # system attr: the grid cell this trial runs (cell_key), None once released
 WORKER = "ftexp:worker"  # system attr: sweeper process running it (ftexp.sweep.worker_id)
 HEARTBEAT = "ftexp:heartbeat"  # system attr: last time that process said it was alive
+ADOPT = "ftexp:adopt:"  # system attr prefix: a worker's claim on an interrupted trial
+ATTEMPTS = "ftexp:attempts"  # system attr: how many times the trial was started
+MAX_ATTEMPTS = 3  # an interrupted trial runs again at most this often in all
 RELEASED = "ftexp:released"  # user attr: trial created by a worker that then found no room
 ERROR = "ftexp:error"  # user attr: why the trial failed
 RUN_DIR = "ftexp:run_dir"  # user attr: the trial's run folder, relative to the sweep dir
@@ -160,8 +165,8 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
                                             directions=self._directions(), load_if_exists=True)
                 break
             except Exception as err:  # workers starting together race to create the schema
-                if attempt == 5 or "IntegrityError" not in type(err).__name__ + repr(err) and \
-                        "locked" not in str(err):
+                # ("table ... already exists", "UNIQUE constraint failed: alembic_version", "locked")
+                if attempt == 5 or not type(err).__module__.startswith(("sqlalchemy", "optuna")):
                     raise
                 sw.backoff(attempt)
         self.storage_shown = url if isinstance(url, str) else type(url).__name__
@@ -242,20 +247,64 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
             return True
         return sw.worker_alive(worker, t.system_attrs.get(HEARTBEAT), self.stale_after_s)
 
-    def _recover_stale(self, study: optuna.Study, grid_mode: bool) -> None:
-        """Mark trials left RUNNING by a dead sweeper FAIL; re-queue a sampler trial's params."""
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    def _adopt_stale(self, study: optuna.Study, by_key: dict | None) -> list[tuple[optuna.Trial, dict]]:
+        """Take over trials left RUNNING by a sweeper that is gone (crash, kill, Ctrl-C): they run
+        again here, as the same trial in the same folder, so an interruption costs no extra trial.
+
+        A claim is a per-worker attribute written, then checked against the other live workers'
+        claims; on any rival claim this worker lets go (two workers never both keep a trial).
+        A trial interrupted ``MAX_ATTEMPTS`` times, or whose cell is no longer in the grid, is
+        marked failed instead.
+        """
+        storage = study._storage
+        adopted = []
+        for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             if self._live(t):
                 continue
-            try:
-                study._storage.set_trial_user_attr(t._trial_id, ERROR, "interrupted: its sweep stopped before it finished")
-                study.tell(t.number, state=TrialState.FAIL)
-            except Exception:  # another worker recovered it first
+            if by_key is None:
+                values = {k: sw.normalize(v) for k, v in t.params.items()} or None
+            else:
+                values = by_key.get(t.system_attrs.get(CELL))
+            attempts = int(t.system_attrs.get(ATTEMPTS) or 1)
+            if values is None and RUN_DIR not in t.user_attrs:  # stopped before it was given work
+                try:
+                    storage.set_trial_user_attr(t._trial_id, RELEASED, "its sweep stopped before it was given a cell")
+                    study.tell(t.number, state=TrialState.FAIL)
+                except Exception:
+                    pass
                 continue
-            log.warning("Trial %d was left running by a stopped sweep: marked failed (interrupted); it runs again.",
-                         t.number)
-            if not grid_mode and t.params:
-                study.enqueue_trial(t.params, user_attrs={"ftexp:retry_of": t.number}, skip_if_exists=False)
+            if values is None or attempts >= MAX_ATTEMPTS:
+                why = ("interrupted: its sweep stopped before it finished"
+                       + (f" ({attempts} times)" if values is not None else "; its cell is not in this grid"))
+                try:
+                    storage.set_trial_user_attr(t._trial_id, ERROR, why)
+                    study.tell(t.number, state=TrialState.FAIL)
+                    log.warning("Trial %d: %s. Marked failed.", t.number, why)
+                except Exception:  # another worker settled it first
+                    pass
+                continue
+            mine = ADOPT + self.me
+            storage.set_trial_system_attr(t._trial_id, mine, time.time())
+            fresh = storage.get_trial(t._trial_id)
+            rivals = [k for k, v in fresh.system_attrs.items()
+                      if k.startswith(ADOPT) and k != mine and v is not None
+                      and sw.worker_alive(k[len(ADOPT):], v, self.stale_after_s)]
+            if rivals or fresh.state != TrialState.RUNNING or self._live(fresh):
+                storage.set_trial_system_attr(t._trial_id, mine, None)
+                continue
+            storage.set_trial_system_attr(t._trial_id, WORKER, self.me)
+            storage.set_trial_system_attr(t._trial_id, HEARTBEAT, time.time())
+            storage.set_trial_system_attr(t._trial_id, ATTEMPTS, attempts + 1)
+            storage.set_trial_system_attr(t._trial_id, mine, None)
+            log.warning("Trial %d was left running by a sweep that stopped: running it again (attempt %d).",
+                        t.number, attempts + 1)
+            adopted.append((optuna.trial.Trial(study, t._trial_id), values))
+        return adopted
+
+    def _launch_adopted(self, study: optuna.Study, adopted: list) -> None:
+        size = self._batch_size()
+        for i in range(0, len(adopted), size):
+            self._launch(study, adopted[i:i + size])
 
     def _heartbeat(self, trial_ids: list[int], stop: threading.Event, storage) -> None:
         while not stop.wait(self.heartbeat_s):
@@ -268,7 +317,8 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
     # ------------------------------------------------------------------ grids
 
     def _cell_claims(self, study: optuna.Study, me: int) -> tuple[set, set]:
-        """(cells with a COMPLETE trial, cells held by another live RUNNING trial)."""
+        """(cells with a COMPLETE trial, cells held by another RUNNING trial). An interrupted
+        trial still holds its cell: whoever adopts it runs that cell."""
         done, busy = set(), set()
         for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
             key = t.system_attrs.get(CELL)
@@ -276,7 +326,7 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
                 continue
             if t.state == TrialState.COMPLETE:
                 done.add(key)
-            elif self._live(t):
+            elif t.state == TrialState.RUNNING:
                 busy.add(key)
         return done, busy
 
@@ -300,7 +350,11 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
         log.info("Grid of %d cell(s)%s", len(cells), "" if budget == len(cells) else f", budget {budget}")
         tried: set[str] = set()
         while True:
-            self._recover_stale(study, grid_mode=True)
+            adopted = self._adopt_stale(study, by_key)
+            if adopted:
+                tried.update(sw.cell_key(values) for _, values in adopted)
+                self._launch_adopted(study, adopted)
+                continue
             done, busy = self._cell_claims(study, -1)
             n_done = len(done & by_key.keys())
             room = budget - n_done - len(busy & by_key.keys())
@@ -334,10 +388,13 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
     def _run_sampler(self, study: optuna.Study, space: dict) -> None:
         budget = int(self.n_trials)
         while True:
-            self._recover_stale(study, grid_mode=False)
+            adopted = self._adopt_stale(study, None)
+            if adopted:
+                self._launch_adopted(study, adopted)
+                continue
             trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
             complete = sum(t.state == TrialState.COMPLETE for t in trials)
-            running = sum(self._live(t) for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
             room = budget - complete - running
             if room <= 0:
                 log.info("Study holds %d finished trial(s) (budget n_trials=%d)%s.", complete, budget,
@@ -372,7 +429,7 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
 
     def _over_budget(self, study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:
         before = sum(1 for t in study._storage.get_all_trials(study._study_id, deepcopy=False)
-                     if t.number < trial.number and (t.state == TrialState.COMPLETE or self._live(t)))
+                     if t.number < trial.number and t.state in (TrialState.COMPLETE, TrialState.RUNNING))
         return before >= budget
 
     def _release(self, study: optuna.Study, trial: optuna.Trial, why: str) -> None:
@@ -418,8 +475,9 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
         batch = []
         for trial, values in jobs:
             overrides = [f"{k}={sw.format_value(v)}" for k, v in values.items()] + self.fixed
-            reuse = self.index.get(self._fingerprint(overrides)) if self.index else None
-            folder = reuse or self._new_folder(trial.number, values)
+            own = trial.user_attrs.get(RUN_DIR)  # an interrupted trial goes on in its own folder
+            reuse = None if own else (self.index.get(self._fingerprint(overrides)) if self.index else None)
+            folder = own or reuse or self._new_folder(trial.number, values)
             trial.set_user_attr(RUN_DIR, folder)
             if reuse:
                 trial.set_user_attr("ftexp:reused", True)
