@@ -122,6 +122,10 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
         if grid_mode:
             axes = {k: [sw.normalize(v) for v in self._to_grid_sampler_choices(d)] for k, d in space.items()}
             parsed = [sw.parse_cell(c) for c in self.cells] if self.cells else None
+            for key in {k for c in (parsed or []) for k in c} & set(fixed_params):
+                # a single value for a cell key (+sweep=sst2_study train.epochs=1): a one-value axis
+                axes[key] = [sw.normalize(fixed_params.pop(key))]
+                self.fixed = [f"{k}={v}" for k, v in fixed_params.items()] + list(fixed_overrides)
             cells = sw.expand_grid(axes, parsed)
             swept_keys = set(axes) | {k for c in (parsed or []) for k in c}
         else:
