@@ -95,8 +95,8 @@ def read_failure(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-# Keys that say where or how a run is logged, not what it computes.
-NON_EXPERIMENT_KEYS = ("output_dir", "run_name", "logger")
+# Keys that say where a run is written or logged, or where caches live - not what it computes.
+NON_EXPERIMENT_KEYS = ("output_dir", "run_name", "logger", "cache_dir")
 
 
 def experiment_fingerprint(config: dict) -> str:
