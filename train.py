@@ -2,7 +2,7 @@
 
     python train.py                                    # offline default
     python train.py model=llama2_13b quant=nf4 data=sst2 train.n=100
-    python train.py -m +sweep=sst2_study model=tiny    # see sweeps/
+    python train.py -m +sweep=sst2_study data.path=/data/SST-2   # a study's sweep: see sweeps/
 """
 
 import hydra
