@@ -56,8 +56,11 @@ def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int 
     old_side, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = "right" if seq2seq else "left"
     tokenizer.truncation_side = "left"
-    lengths = [len(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    # Tokenize every prompt once; batches are then padded from these ids, longest first,
+    # so each batch pads only to its own longest prompt.
+    encoded = tokenizer(list(prompts), add_special_tokens=True, truncation=max_length is not None,
+                        max_length=max_length)["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     eos = _eos_ids(model, tokenizer)
     kwargs = dict(max_new_tokens=gcfg.max_new_tokens, do_sample=gcfg.do_sample, num_beams=gcfg.num_beams,
@@ -71,8 +74,8 @@ def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int 
     torch.manual_seed(seed)
     try:
         for idx in _batches(order, max(1, batch_size)):
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            truncation=max_length is not None, max_length=max_length).to(device)
+            enc = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True,
+                                return_tensors="pt").to(device)
             out = model.generate(**enc, **kwargs)
             new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):

@@ -26,7 +26,7 @@ def _records():
 
 
 @pytest.fixture(scope="module")
-def trained(one_thread):
+def trained():
     """A tiny Llama trained on the prompts until greedy decoding answers every one."""
     cfg = compose_cfg(["task=classification", "task.generation.max_new_tokens=3", "eval.batch_size=16"],
                       fast=False)
