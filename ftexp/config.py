@@ -204,7 +204,7 @@ class RunConfig:
 def register_configs() -> None:
     """Put the schema into Hydra's ConfigStore; config.yaml lists it first."""
     cs = ConfigStore.instance()
-    cs.store(name="ftexp_schema", node=RunConfig)
+    cs.store(name="ftexp_schema", node=RunConfig, replace=True)
 
 
 # --------------------------------------------------------------------------- rules

@@ -81,18 +81,29 @@ def build_sft_trainer(cfg, model, tokenizer, train_records, out_dir: Path, devic
     from ftexp.cache import tokenized_prefix
 
     # prompt/completion rows -> input_ids + completion_mask, shared across a sweep;
-    # SFTTrainer turns the mask into labels (-100 on the prompt) and truncates.
+    # SFTTrainer turns the mask into labels (-100 on the prompt).
     train_data, fresh = tokenized_prefix(train_records, tokenizer, cfg, cfg.cache_dir)
     log.info("train rows: %d (%d tokenized now, %d from the cache)", len(train_data), fresh, len(train_data) - fresh)
+    # Truncation happens here, on ids and mask together: TRL only keeps the start of a
+    # row, while keep_end (cut from the left) keeps the answer of a long prompt.
+    train_data = truncate_rows(train_data, cfg.train.max_length, cfg.train.truncation)
 
     args = SFTConfig(
         **common_args(cfg, out_dir, device, report_to),
         completion_only_loss=True,
-        max_length=cfg.train.max_length,
-        truncation_mode=cfg.train.truncation,
+        max_length=cfg.train.max_length,  # rows already fit; a no-op guard
     )
     return SFTTrainer(model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
                       callbacks=callbacks)
+
+
+def truncate_rows(data, max_length: int, truncation: str):
+    """Cut ``input_ids`` and ``completion_mask`` of rows longer than ``max_length``:
+    keep_start drops the tail, keep_end drops the head."""
+    cut = slice(None, max_length) if truncation == "keep_start" else slice(-max_length, None)
+    if all(len(ids) <= max_length for ids in data["input_ids"]):
+        return data
+    return data.map(lambda row: {"input_ids": row["input_ids"][cut], "completion_mask": row["completion_mask"][cut]})
 
 
 def tokenize_seq2seq(records, tokenizer, max_length: int, truncation: str):
@@ -147,13 +158,12 @@ def completion_labels(rows, max_length: int, truncation: str):
     completion, sequences are cut to ``max_length`` from the end (keep_start) or
     the start (keep_end), and rows left with no label are dropped.
     """
-    cut = slice(None, max_length) if truncation == "keep_start" else slice(-max_length, None)
-
     def encode(row):
         ids = row["input_ids"]
         labels = [t if m else -100 for t, m in zip(ids, row["completion_mask"])]
-        return {"input_ids": ids[cut], "attention_mask": [1] * len(ids[cut]), "labels": labels[cut]}
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
+    rows = truncate_rows(rows, max_length, truncation)
     data = rows.map(encode, remove_columns=rows.column_names)
     return data.filter(lambda row: any(label != -100 for label in row["labels"]))
 

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg
 from ftexp import modeling, recipes, training
+from ftexp.cache import tokenized_prefix
 from ftexp.config import ConfigError
 from ftexp.tasks import build_task
 
@@ -126,8 +127,13 @@ def test_head_adapter_rows_and_labels_match_sfttrainers(tiny_bases, tmp_path):
         ours = training.build_head_adapter_trainer(with_cfg, model, tok, records, tmp_path / "ours", "cpu", [], [])
         assert ours.train_dataset["input_ids"] == sft.train_dataset["input_ids"]
         assert ours.train_dataset["labels"] == sft.train_dataset["labels"]
+        assert all(len(ids) <= max_length for ids in sft.train_dataset["input_ids"])
         if max_length == 256:  # whole rows: every prompt is there, and masked
             assert all(row[0] == -100 and row[-1] != -100 for row in ours.train_dataset["labels"])
+        if truncation == "keep_end":  # cut from the left: the answer and its EOS survive
+            full, _ = tokenized_prefix(records, tok, cfg, None)
+            for cut, whole in zip(sft.train_dataset["input_ids"], full["input_ids"]):
+                assert cut == whole[-max_length:]
 
 
 def test_lm_head_adapter_trains(tiny_bases, tmp_path):

@@ -119,7 +119,7 @@ def compose(overrides: list[str]):
     if not conf.is_dir():
         raise ConfigError(f"no conf/ folder at {conf}: run from a source checkout of ftexp.")
     register_configs()
-    with initialize_config_dir(config_dir=str(conf), version_base=None):
+    with initialize_config_dir(config_dir=str(conf)):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
