@@ -85,3 +85,21 @@ def test_quantized_tiny_model_needs_whole_quantization_blocks():
     cfg = compose_cfg(["quant=nf4", "lora=default", "model.tiny.hidden_size=32"])
     with pytest.raises(ConfigError, match="multiple of 64"):
         validate(cfg)
+
+
+CONFIG_FILES = sorted([*CONF.rglob("*.yaml"), *(CONF.parent / "sweeps").rglob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(CONF.parent)))
+def test_every_config_file_opens_with_what_it_is_for_and_how_to_run_it(path):
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    prose = [line for line in header if not line.startswith("# @package")]
+    commands = [line for line in header if "python train.py" in line or "python evaluate.py" in line]
+    assert prose, f"{path.name} does not open with a comment saying what it is for"
+    assert commands, f"{path.name}: its opening comment shows no command"
+    if path.stem not in ("config", "default"):  # a selectable option shows itself being selected
+        assert any(path.stem in line for line in commands), f"{path.name}: no command selects {path.stem}"

@@ -26,17 +26,3 @@ def test_presets_compose_and_pick_the_task_objective(data, task, objective):
     # an explicit objective still wins
     cfg = compose_cfg([f"data={data}", f"task={task}", "objective=eval/n"], fast=False)
     assert cfg.objective == "eval/n"
-
-
-@pytest.mark.parametrize("path", [*(CONF / "data").glob("*.yaml"), *(CONF / "task").glob("*.yaml")],
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_preset_opens_with_what_it_is_for_and_a_command(path):
-    lines = path.read_text().splitlines()
-    header = []
-    for line in lines:
-        if not line.startswith("#"):
-            break
-        header.append(line)
-    text = [h for h in header if not h.startswith("# @package")]
-    assert text, f"{path.name} does not open with a comment"
-    assert any("python train.py" in h or "python evaluate.py" in h for h in header), path.name

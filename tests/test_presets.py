@@ -60,20 +60,6 @@ def test_tiny_twins_cover_every_family():
     assert families <= twins == {"llama", "falcon", "t5", "gpt_neox"}
 
 
-@pytest.mark.parametrize("path", sorted((CONF / "model").glob("*.yaml")) + sorted((CONF / "experiment").glob("*.yaml")),
-                         ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_config_file_opens_with_what_it_is_for_and_the_command(path):
-    lines = path.read_text().splitlines()
-    header = []
-    for line in lines:
-        if not line.startswith("#"):
-            break
-        header.append(line)
-    prose = [l for l in header if not l.startswith("# @package")]
-    assert len(prose) >= 2, f"{path.name}: no header comment"
-    assert any("python train.py" in l and path.stem in l for l in header), f"{path.name}: no command in the header"
-
-
 def test_cli_prints_the_count(capsys):
     assert presets.main(["experiment=dialogsum_flan_t5_lora"]) == 0
     out = capsys.readouterr().out
