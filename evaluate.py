@@ -37,8 +37,11 @@ def _own_output_dirs(argv: list[str]) -> list[str]:
 def main(cfg: DictConfig) -> float | None:
     from ftexp.recipes import eval_config, evaluate_only
 
-    metrics = run_guarded(evaluate_only, cfg)
-    return objective_value(metrics, run_guarded(eval_config, cfg).objective)
+    def evaluate_and_pick(cfg: DictConfig) -> float:
+        metrics = evaluate_only(cfg)
+        return objective_value(metrics, eval_config(cfg).objective)
+
+    return run_guarded(evaluate_and_pick, cfg)
 
 
 if __name__ == "__main__":

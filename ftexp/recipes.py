@@ -152,7 +152,14 @@ def finetune(cfg: DictConfig) -> dict:
 
         # evaluate
         if cfg.eval.enabled:
-            eval_metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
+            try:
+                eval_metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
+            except Exception:  # keep what training produced; the saved model can be evaluated again
+                records.write_metrics(metrics, run_dir, name="train_metrics.json")
+                again = f" Re-evaluate it with: python evaluate.py run={run_dir}" if cfg.train.save_model else ""
+                log.error("evaluation failed after training; training metrics are in %s.%s",
+                          run_dir / "train_metrics.json", again)
+                raise
             metrics.update(eval_metrics)
             records.write_predictions(rows, run_dir)
             tracker.table("predictions", rows[: cfg.logger.log_predictions])

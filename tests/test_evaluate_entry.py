@@ -87,3 +87,17 @@ def test_evaluate_script_re_evaluates_a_run_and_returns_cleanly(trained_runs, tm
     assert metrics["eval/n"] == 3 and metrics["eval/irregular"] == 0
     saved = (out / "config.yaml").read_text()
     assert "method: likelihood" in saved and "name: default" in saved  # the run's LoRA, this call's eval
+
+
+def test_evaluate_script_bad_input_exits_2_with_a_message_and_keeps_results(trained_runs, tmp_path):
+    proc = run_script("evaluate.py", f"run={tmp_path / 'no_such_run'}", f"hydra.run.dir={tmp_path / 'h1'}")
+    assert proc.returncode == 2
+    assert "ftexp: error:" in proc.stderr and "no_such_run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # an objective the metrics lack is named, with the valid ones, after the results are saved
+    out = tmp_path / "eval"
+    proc = run_script("evaluate.py", f"run={trained_runs['full']}", "eval.n=2", "objective=eval/nonsense",
+                      f"output_dir={out}", f"hydra.run.dir={tmp_path / 'h2'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "objective='eval/nonsense' is not in this run's metrics" in proc.stderr and "eval/accuracy" in proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["eval/n"] == 2

@@ -102,6 +102,19 @@ def test_run_directory_holds_the_contract_files(tmp_path):
     assert sum(r["irregular"] for r in rows) == metrics["eval/irregular"]
 
 
+def test_a_failed_evaluation_keeps_the_trained_model_and_its_training_metrics(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("generation broke")
+
+    monkeypatch.setattr(recipes.evaluation, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="generation broke"):
+        recipes.finetune(compose_cfg(["train.max_steps=2"], tmp_path))
+    kept = json.loads((tmp_path / "train_metrics.json").read_text())
+    assert kept["train/steps"] == 2 and "eval/accuracy" not in kept
+    assert (tmp_path / "model" / "config.json").exists()
+    assert not (tmp_path / "metrics.json").exists()  # not finished: a rerun trains again
+
+
 def test_label_word_that_tokenizes_to_nothing_is_refused():
     cfg = compose_cfg([])
     class Empty:
