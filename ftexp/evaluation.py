@@ -109,21 +109,27 @@ def option_token_ids(tokenizer, options: Sequence[str], seq2seq: bool = False) -
     return ids
 
 
+# A prompt prefix shared by every prompt (system prompt, template head, k-shot examples)
+# is run once and its key/value cache reused when it is at least this many tokens.
+MIN_SHARED_PREFIX = 8
+
+
 @torch.no_grad()
 def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[str], *, batch_size: int = 32,
-                   max_length: int | None = None) -> torch.Tensor:
+                   max_length: int | None = None, share_prefix: bool = True) -> torch.Tensor:
     """Summed log-probability of each option's tokens after each prompt: (len(prompts), len(options)).
 
-    Batched forward passes with left padding (explicit position ids, so padding never
-    shifts positions). When every option is one token, one pass per prompt reads all
-    of them from the next-token distribution; otherwise each prompt x option pair is
-    a sequence and a multi-token option sums over its tokens. Only the logits that
-    are read are computed where the model allows it.
+    Batched forward passes over length-sorted prompts. When every option is one
+    token, one pass per prompt reads all of them from the next-token distribution;
+    otherwise each prompt x option pair is a sequence and a multi-token option sums
+    over its tokens. The token prefix all prompts share is encoded once and its cache
+    reused by every batch (``share_prefix``); without one, batches are left-padded
+    with explicit position ids and only the logits that are read are computed.
     """
     model.eval()
     device = _model_device(model)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     if max_length:
         prompt_ids = [ids[-max_length:] for ids in prompt_ids]
     option_ids = option_token_ids(tokenizer, options, seq2seq)
@@ -131,17 +137,7 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if seq2seq:
         return _seq2seq_logprobs(model, prompt_ids, option_ids, scores, pad, batch_size, device)
-    keep = {"logits_to_keep": 0} if _accepts_logits_to_keep(model) else None
-
-    def forward(seqs: list[list[int]], last: int) -> torch.Tensor:
-        """Log-probs of the next token at the last ``last`` positions: (batch, last, vocab)."""
-        L = max(map(len, seqs))
-        input_ids = torch.tensor([[pad] * (L - len(s)) + s for s in seqs], device=device)
-        attn = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=device)
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-        extra = {"logits_to_keep": last} if keep is not None else {}
-        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, **extra).logits
-        return torch.log_softmax(logits[:, -last:].float(), -1)
+    forward = _Forward(model, pad, device, _shared_prefix(prompt_ids) if share_prefix else [])
 
     if all(len(ids) == 1 for ids in option_ids):
         first = torch.tensor([ids[0] for ids in option_ids])
@@ -163,6 +159,70 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[s
             positions = torch.arange(width - n, width)
             scores[i, j] = logp[row, positions, torch.tensor(option_ids[j])].sum()
     return scores
+
+
+def _shared_prefix(seqs: list[list[int]]) -> list[int]:
+    """The token prefix of every sequence, leaving each at least one token of its own;
+    [] when shorter than MIN_SHARED_PREFIX."""
+    if not seqs:
+        return []
+    limit = min(map(len, seqs)) - 1
+    n = 0
+    first = seqs[0]
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return first[:n] if n >= MIN_SHARED_PREFIX else []
+
+
+class _Forward:
+    """Next-token log-probs at the last ``last`` positions of each sequence: (batch, last, vocab).
+
+    With a shared prefix, the prefix is encoded once; each batch then runs only its
+    rows' remaining tokens on a copy of that cache. Models whose cache
+    cannot be reused this way fall back to whole, left-padded sequences.
+    """
+
+    def __init__(self, model, pad: int, device, prefix: list[int]):
+        self.model, self.pad, self.device = model, pad, device
+        self.keep = _accepts_logits_to_keep(model)
+        self.prefix, self.cache = prefix, None
+        if prefix:
+            try:
+                ids = torch.tensor([prefix], device=device)
+                self.cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+            except Exception as err:  # a model without a reusable cache: score whole sequences
+                log.warning("likelihood: prompt prefix not shared (%s); scoring whole prompts.", err)
+                self.prefix = []
+            if self.cache is None or not hasattr(self.cache, "batch_repeat_interleave"):
+                self.prefix, self.cache = [], None
+
+    def __call__(self, seqs: list[list[int]], last: int) -> torch.Tensor:
+        if self.prefix:
+            return self._after_prefix([s[len(self.prefix):] for s in seqs], last)
+        L = max(map(len, seqs))
+        input_ids = torch.tensor([[self.pad] * (L - len(s)) + s for s in seqs], device=self.device)
+        attn = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": last} if self.keep else {}
+        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, **extra).logits
+        return torch.log_softmax(logits[:, -last:].float(), -1)
+
+    def _after_prefix(self, tails: list[list[int]], last: int) -> torch.Tensor:
+        import copy
+
+        p, width = len(self.prefix), max(map(len, tails))
+        # left-padded between the cached prefix and each row's own tokens, so every
+        # row ends at the last column and only the logits read are computed
+        input_ids = torch.tensor([[self.pad] * (width - len(t)) + t for t in tails], device=self.device)
+        own = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=self.device)
+        attn = torch.cat([torch.ones(len(tails), p, dtype=own.dtype, device=self.device), own], dim=1)
+        position_ids = p + (own.cumsum(-1) - 1).clamp(min=0)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(tails))
+        extra = {"logits_to_keep": last} if self.keep else {}
+        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True, **extra).logits
+        return torch.log_softmax(logits[:, -last:].float(), -1)
 
 
 def _seq2seq_logprobs(model, prompt_ids, option_ids, scores, pad, batch_size, device):
@@ -258,6 +318,11 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
     methods = ["generate", "likelihood"] if ecfg.method == "both" else [ecfg.method]
     rows = [{"input": p, "reference": task.reference(r)} for p, r in zip(prompts, records)]
     results = {}
+    # import the metrics library up front: a one-off import is not evaluation time, and
+    # with method=both it would otherwise count against whichever method runs first
+    from ftexp.metrics import evaluate_library
+
+    evaluate_library()
     for method in methods:
         start = time.perf_counter()
         if method == "generate":

@@ -111,6 +111,36 @@ def test_multi_token_options_sum_their_token_logprobs(trained):
     assert torch.allclose(two, scores[:, :2], atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "falcon", "gpt_neox"])
+def test_shared_prompt_prefix_is_encoded_once_and_scores_stay_exact(family, caplog):
+    """Prompts with a common head (system prompt, k-shot examples) reuse its cache;
+    the scores equal whole-prompt scoring, with one-token and multi-token options."""
+    head = "You are a careful judge of movie reviews. Answer positive or negative.\n\n"
+    tails = ["Review: a fine and warm film", "Review: dull", "Review: the plot never lands, sadly",
+             "Review: great cast", "Review: I left early"]
+    prompts = [head + t + "\nAnswer:" for t in tails]
+    tok = tiny.build_tokenizer(prompts * 4 + [" positive negative"], 400)
+    config = tiny.build_config(family, len(tok), tok, hidden_size=32, num_layers=2, num_heads=4,
+                               intermediate_size=64)
+    model = tiny.build_model(config, seed=0)
+    ids = tok(prompts)["input_ids"]
+    assert len(evaluation._shared_prefix(ids)) >= evaluation.MIN_SHARED_PREFIX
+    for options in ([" positive", " negative"], [" positive", " negative negative"]):
+        shared = evaluation.label_logprobs(model, tok, prompts, options, batch_size=2)
+        whole = evaluation.label_logprobs(model, tok, prompts, options, batch_size=2, share_prefix=False)
+        assert torch.allclose(shared, whole, atol=1e-4), (family, options)
+        one = evaluation.label_logprobs(model, tok, prompts[1:2], options, batch_size=1, share_prefix=False)
+        assert torch.allclose(shared[1:2], one, atol=1e-4)  # padding changes nothing
+    assert "prefix not shared" not in caplog.text  # the cache path ran, no fallback
+
+
+def test_no_shared_prefix_below_the_minimum():
+    assert evaluation._shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5]]) == []
+    long = list(range(20))
+    assert evaluation._shared_prefix([long + [7], long + [8, 9]]) == long
+    assert evaluation._shared_prefix([long, long + [1]]) == long[:-1]  # every row keeps a token of its own
+
+
 def test_k_shot_prompt_holds_exactly_k_examples_and_never_the_evaluated_one():
     cfg = compose_cfg(["task=sentiment"], fast=False)
     task = build_task(cfg.task)
