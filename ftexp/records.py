@@ -178,8 +178,8 @@ class Tracker:
                         run_dir, run_dir)
         sweep = sweep_context()
         self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, group=lcfg.group or sweep.get("group"),
-                              tags=list(lcfg.tags), name=cfg.run_name or sweep.get("name"), dir=str(run_dir),
-                              mode=mode, config=config_dict(cfg), reinit="finish_previous")
+                              tags=list(lcfg.tags), name=cfg.run_name or sweep.get("name") or Path(run_dir).name,
+                              dir=str(run_dir), mode=mode, config=config_dict(cfg), reinit="finish_previous")
 
     @property
     def report_to(self) -> list[str]:
