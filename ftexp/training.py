@@ -227,6 +227,9 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
     start = time.perf_counter()
     result = trainer.train()
     runtime = time.perf_counter() - start
+    scratch = run_dir / "checkpoints"  # the trainer's output_dir; ftexp saves no checkpoints
+    if scratch.is_dir() and not any(scratch.iterdir()):
+        scratch.rmdir()
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     losses = loss_log.losses or [float(result.training_loss)]
     metrics = {

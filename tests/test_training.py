@@ -91,6 +91,7 @@ def test_run_directory_holds_the_contract_files(tmp_path):
         assert (tmp_path / name).exists(), name
     assert (tmp_path / "model" / "config.json").exists()  # full fine-tune saves the model
     assert (tmp_path / "model" / "tokenizer.json").exists()
+    assert not (tmp_path / "checkpoints").exists()  # no empty scratch folder left behind
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert all("/" in k for k in on_disk)
     for key in CONTRACT_KEYS:
