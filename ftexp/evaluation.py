@@ -7,6 +7,7 @@ after the prompt, cut at EOS or at the first stop string.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import time
@@ -177,51 +178,40 @@ def _shared_prefix(seqs: list[list[int]]) -> list[int]:
 class _Forward:
     """Next-token log-probs at the last ``last`` positions of each sequence: (batch, last, vocab).
 
-    With a shared prefix, the prefix is encoded once; each batch then runs only its
-    rows' remaining tokens on a copy of that cache. Models whose cache
-    cannot be reused this way fall back to whole, left-padded sequences.
+    Rows are left-padded so every row ends at the last column and only the logits
+    read are computed; position ids skip the padding. With a shared prefix, the
+    prefix is encoded once and each batch runs only its rows' remaining tokens on a
+    copy of that cache; a model whose cache cannot be reused scores whole rows.
     """
 
     def __init__(self, model, pad: int, device, prefix: list[int]):
         self.model, self.pad, self.device = model, pad, device
         self.keep = _accepts_logits_to_keep(model)
-        self.prefix, self.cache = prefix, None
+        self.prefix, self.cache = [], None
         if prefix:
+            ids = torch.tensor([prefix], device=device)
             try:
-                ids = torch.tensor([prefix], device=device)
-                self.cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
-            except Exception as err:  # a model without a reusable cache: score whole sequences
+                cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+            except Exception as err:
                 log.warning("likelihood: prompt prefix not shared (%s); scoring whole prompts.", err)
-                self.prefix = []
-            if self.cache is None or not hasattr(self.cache, "batch_repeat_interleave"):
-                self.prefix, self.cache = [], None
+                cache = None
+            if hasattr(cache, "batch_repeat_interleave"):
+                self.prefix, self.cache = prefix, cache
 
     def __call__(self, seqs: list[list[int]], last: int) -> torch.Tensor:
-        if self.prefix:
-            return self._after_prefix([s[len(self.prefix):] for s in seqs], last)
-        L = max(map(len, seqs))
-        input_ids = torch.tensor([[self.pad] * (L - len(s)) + s for s in seqs], device=self.device)
-        attn = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=self.device)
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-        extra = {"logits_to_keep": last} if self.keep else {}
-        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, **extra).logits
-        return torch.log_softmax(logits[:, -last:].float(), -1)
-
-    def _after_prefix(self, tails: list[list[int]], last: int) -> torch.Tensor:
-        import copy
-
-        p, width = len(self.prefix), max(map(len, tails))
-        # left-padded between the cached prefix and each row's own tokens, so every
-        # row ends at the last column and only the logits read are computed
+        p = len(self.prefix)
+        tails = [s[p:] for s in seqs]
+        width = max(map(len, tails))
         input_ids = torch.tensor([[self.pad] * (width - len(t)) + t for t in tails], device=self.device)
-        own = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=self.device)
-        attn = torch.cat([torch.ones(len(tails), p, dtype=own.dtype, device=self.device), own], dim=1)
-        position_ids = p + (own.cumsum(-1) - 1).clamp(min=0)
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(len(tails))
+        attn = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=self.device)
+        position_ids = p + (attn.cumsum(-1) - 1).clamp(min=0)
         extra = {"logits_to_keep": last} if self.keep else {}
-        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
-                            past_key_values=cache, use_cache=True, **extra).logits
+        if self.cache is not None:
+            cache = copy.deepcopy(self.cache)  # each batch extends its own copy
+            cache.batch_repeat_interleave(len(tails))
+            attn = torch.cat([torch.ones(len(tails), p, dtype=attn.dtype, device=self.device), attn], dim=1)
+            extra.update(past_key_values=cache, use_cache=True)
+        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, **extra).logits
         return torch.log_softmax(logits[:, -last:].float(), -1)
 
 

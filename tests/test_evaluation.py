@@ -124,7 +124,9 @@ def test_shared_prompt_prefix_is_encoded_once_and_scores_stay_exact(family, capl
                                intermediate_size=64)
     model = tiny.build_model(config, seed=0)
     ids = tok(prompts)["input_ids"]
-    assert len(evaluation._shared_prefix(ids)) >= evaluation.MIN_SHARED_PREFIX
+    prefix = evaluation._shared_prefix(ids)
+    assert len(prefix) >= evaluation.MIN_SHARED_PREFIX
+    assert evaluation._Forward(model, 0, torch.device("cpu"), prefix).cache is not None  # the cached path runs
     for options in ([" positive", " negative"], [" positive", " negative negative"]):
         shared = evaluation.label_logprobs(model, tok, prompts, options, batch_size=2)
         whole = evaluation.label_logprobs(model, tok, prompts, options, batch_size=2, share_prefix=False)

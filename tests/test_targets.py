@@ -132,6 +132,7 @@ def test_head_adapter_rows_and_labels_match_sfttrainers(tiny_bases, tmp_path):
             assert all(row[0] == -100 and row[-1] != -100 for row in ours.train_dataset["labels"])
         if truncation == "keep_end":  # cut from the left: the answer and its EOS survive
             full, _ = tokenized_prefix(records, tok, cfg, None)
+            assert len(sft.train_dataset) == len(full)  # no row lost its answer
             for cut, whole in zip(sft.train_dataset["input_ids"], full["input_ids"]):
                 assert cut == whole[-max_length:]
 
