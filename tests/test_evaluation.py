@@ -161,3 +161,18 @@ def test_k_shot_prompt_holds_exactly_k_examples_and_never_the_evaluated_one():
     assert evaluation.build_prompts(task, pool[:2], 0, pool) == [task.prompt(r) for r in pool[:2]]
     with pytest.raises(ConfigError, match="eval.shots=12"):
         evaluation.build_prompts(task, pool[:1], 12, pool)
+
+
+def test_surface_forms_cover_case_and_leading_space():
+    assert evaluation.surface_forms(" positive") == ["positive", " positive", "Positive", " Positive"]
+    assert evaluation.surface_forms("Yes") == ["Yes", " Yes", "yes", " yes"]
+
+
+def test_options_after_a_prompt_are_the_tokens_past_the_prompt(trained):
+    """Encoded after the prompt itself, an option is exactly what prompt+answer adds."""
+    _, _, tok, task, records = trained
+    prompt = task.prompt(records[0])
+    for opt in (" positive", "positive", "\nnegative"):
+        ids = evaluation.option_token_ids(tok, [opt], after=prompt)[0]
+        whole = tok(prompt + opt)["input_ids"]
+        assert whole[len(whole) - len(ids):] == ids and whole[: len(whole) - len(ids)] == tok(prompt)["input_ids"]

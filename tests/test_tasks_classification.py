@@ -22,7 +22,7 @@ def test_llama2_layout_with_the_study_system_prompt():
     task = build_task(cfg.task, tokenizer=_tokenizer())
     prompt, completion = task.prompt(RECORD), task.completion(RECORD)
     system = cfg.task.system_prompt
-    assert prompt == f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\nReview: {RECORD['text']}\nIs this review positive or negative? [/INST]"
+    assert prompt == f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\nReview: {RECORD['text']}\nIs this review positive or negative? Answer with one word. [/INST]"
     assert completion == " positive"  # BOS and EOS come from the tokenizer / trainer
 
 
@@ -48,3 +48,42 @@ def test_first_word_maps_to_a_label_and_anything_else_is_irregular():
     assert [r["correct"] for r in rows] == [True, True, False, False, True]
     assert metrics["eval/accuracy"] == 3 / 5 and metrics["eval/irregular"] == 2
     assert "neutral (1)" in metrics["eval/irregular_top"]
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_after_a_chat_generation_prompt_the_answer_has_no_leading_space():
+    """ChatML ends the prompt in 'assistant\\n': the model writes 'positive' there, not
+    ' positive', so that is what is trained; the Llama-2 layout keeps its space."""
+    cfg = compose_cfg([])
+    chat = build_task(cfg.task, tokenizer=_tokenizer(CHATML))
+    pair = chat.to_prompt_completion(RECORD)
+    assert pair["prompt"].endswith("<|im_start|>assistant\n") and pair["completion"] == "positive"
+    layout = build_task(cfg.task, tokenizer=_tokenizer())
+    pair = layout.to_prompt_completion(RECORD)
+    assert pair["prompt"].endswith("[/INST]") and pair["completion"] == " positive"
+
+
+def test_join_answer_drops_leading_whitespace_only_after_whitespace():
+    from ftexp.tasks.base import join_answer
+
+    assert join_answer("[/INST]", " positive") == " positive"
+    assert join_answer("assistant\n", " positive") == "positive"
+    assert join_answer("### Response:", "\nBlue") == "\nBlue"
+    assert join_answer("Answer: ", "\nBlue") == "Blue"
+
+
+def test_a_bos_the_tokenizer_never_adds_stays_in_the_chat_prompt():
+    """SmolLM2's GGUF tokenizer calls <|im_start|> its BOS but does not add it when
+    encoding: the template's opening <|im_start|> must not be cut."""
+    from tokenizers import processors
+
+    cfg = compose_cfg([])
+    tok = _tokenizer(CHATML)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.bos_token = "<|im_start|>"
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # adds nothing
+    task = build_task(cfg.task, tokenizer=tok)
+    assert task.prompt(RECORD).startswith("<|im_start|>system\n")

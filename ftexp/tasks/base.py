@@ -27,6 +27,12 @@ def fill(template: str, record: dict, where: str) -> str:
         ) from None
 
 
+def join_answer(prompt: str, answer: str) -> str:
+    """``answer`` as it continues ``prompt``: no leading whitespace after a prompt
+    that ends in whitespace (a newline or space is never written twice)."""
+    return answer.lstrip() if prompt[-1:].isspace() else answer
+
+
 class Task:
     kind = "base"
     objective_default = "eval/accuracy"
@@ -36,6 +42,16 @@ class Task:
         self.tokenizer = tokenizer
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.use_chat_template = has_template if use_chat_template is None else (use_chat_template and has_template)
+
+    def _adds_bos(self) -> bool:
+        """Whether encoding a text puts BOS in front of it. SmolLM2's GGUF tokenizer
+        names <|im_start|> its BOS but never adds it: the template's own must stay."""
+        if not hasattr(self, "_bos_added"):
+            tok = self.tokenizer
+            ids = tok("x")["input_ids"]
+            self._bos_added = len(ids) > len(tok("x", add_special_tokens=False)["input_ids"]) and \
+                ids[0] == tok.bos_token_id
+        return self._bos_added
 
     # -- pieces a kind defines ------------------------------------------------
     def target_text(self, record: dict) -> str:
@@ -59,7 +75,8 @@ class Task:
     def shot_text(self, record: dict) -> str:
         if self.cfg.shot_template:
             return fill(self.cfg.shot_template, {**record, "target": self.target_text(record)}, "task.shot_template")
-        return fill(self.cfg.template, record, "task.template") + self.completion(record)
+        question = fill(self.cfg.template, record, "task.template")
+        return question + self.completion(record, after=question)
 
     def prompt(self, record: dict, shots: Sequence[dict] = ()) -> str:
         """The full prompt string the model sees, before any completion."""
@@ -69,19 +86,30 @@ class Task:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             bos = self.tokenizer.bos_token
-            if bos and text.startswith(bos):  # the tokenizer adds BOS itself when encoding
+            if bos and text.startswith(bos) and self._adds_bos():  # encoding adds it again
                 text = text[len(bos):]
             return text
         if system and self.cfg.prompt_layout_system:
             return fill(self.cfg.prompt_layout_system, {"system": system, "user": user}, "task.prompt_layout_system")
         return fill(self.cfg.prompt_layout, {"user": user, "system": system or ""}, "task.prompt_layout")
 
-    def completion(self, record: dict) -> str:
-        return fill(self.cfg.completion_template, {**record, "target": self.target_text(record)},
+    def completion(self, record: dict, after: str | None = None) -> str:
+        """The trained answer, as it follows the text ``after`` (the prompt), when given.
+
+        task.completion_template may open with a space (`` {target}``): right for a
+        prompt that ends in a word or bracket, as Llama-2's ``[/INST] answer``. A
+        prompt that already ends in whitespace, as a chat template's generation
+        prompt (``<|im_start|>assistant\n``), is followed by the answer's first
+        word itself: that is the token the model writes there, so it is the one to
+        train and to score.
+        """
+        text = fill(self.cfg.completion_template, {**record, "target": self.target_text(record)},
                     "task.completion_template")
+        return join_answer(after, text) if after is not None else text
 
     def to_prompt_completion(self, record: dict) -> dict:
-        return {"prompt": self.prompt(record), "completion": self.completion(record)}
+        prompt = self.prompt(record)
+        return {"prompt": prompt, "completion": self.completion(record, after=prompt)}
 
     def clean_prediction(self, text: str) -> str:
         """Cut the generated text at the first stop string."""

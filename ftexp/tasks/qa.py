@@ -66,7 +66,8 @@ class TemplateChoice:
     def shot_text(self, record: dict) -> str:
         if self.cfg.shot_template:
             return super().shot_text(record)
-        return fill(self.template_for(record), record, "task.template") + self.completion(record)
+        question = fill(self.template_for(record), record, "task.template")
+        return question + self.completion(record, after=question)
 
 
 class QATask(TemplateChoice, Task):
