@@ -62,7 +62,7 @@ def fingerprint(tokenizer, cfg) -> str:
 
 
 @contextmanager
-def _locked(path: Path):
+def locked(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # parallel sweep workers take turns
@@ -84,7 +84,7 @@ def tokenized_prefix(records: Dataset, tokenizer, cfg, cache_dir: str | None) ->
     if not cache_dir:
         return encode(records), len(records)
     root = Path(os.path.expanduser(str(cache_dir))) / "tokenized" / fingerprint(tokenizer, cfg)
-    with _locked(root.with_suffix(".lock")):
+    with locked(root.with_suffix(".lock")):
         cached = load_from_disk(str(root)) if (root / "dataset_info.json").exists() else None
         have = len(cached) if cached is not None else 0
         n = len(records)

@@ -34,6 +34,12 @@ def _dtype(name: str, key: str = "model.dtype"):
     return DTYPES[name]
 
 
+def gguf_dtype(mcfg):
+    """The dtype a GGUF checkpoint is dequantized to: model.dtype, float32 for auto."""
+    dtype = _dtype(mcfg.dtype)
+    return torch.float32 if dtype == "auto" else dtype
+
+
 def quantization_config(qcfg):
     """BitsAndBytesConfig for quant=int8|nf4, or None."""
     if qcfg.name == "none":
