@@ -81,13 +81,15 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
     def __init__(self, sampler: Any, direction: Any, storage: Any, study_name: str | None, n_trials: int | None,
                  n_jobs: int | None, max_failure_rate: float, custom_search_space: str | None,
                  params: DictConfig | None, cells: list | None = None, heartbeat_s: float = 60.0,
-                 stale_after_s: float = 600.0, report: bool = True, sampler_factory: Any = None) -> None:
+                 stale_after_s: float = 600.0, report: bool = True, baselines: list | None = None,
+                 sampler_factory: Any = None) -> None:
         super().__init__(sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
                          custom_search_space, params)
         self.cells = list(cells) if cells else None
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
         self.report = report
+        self.baselines = [Path(str(b)) for b in baselines or []]
         self.sampler_factory = sampler_factory
         self.me = sw.worker_id()
 
@@ -571,7 +573,12 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
         try:
             from ftexp import report
 
-            paths = report.write_report(self.sweep_dir)
+            missing = [b for b in self.baselines if not (b / "metrics.json").exists()]
+            for b in missing:
+                log.warning("hydra.sweeper.baselines: %s holds no finished evaluate.py run; the table leaves it out. "
+                            "Run it with evaluate.py output_dir=%s, then `python -m ftexp.report %s --baseline %s`.",
+                            b, b, self.sweep_dir, b)
+            paths = report.write_report(self.sweep_dir, [b for b in self.baselines if b not in missing])
             log.info("Results: %s", ", ".join(str(p) for p in paths))
             if self.config.get("logger") and self.config.logger.get("name") == "wandb":
                 report.log_to_wandb(self.sweep_dir, self.config.logger)

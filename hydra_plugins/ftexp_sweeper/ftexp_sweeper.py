@@ -45,6 +45,8 @@ class FtexpSweeperConf(OptunaSweeperConf):
     # and retried. Trials of this machine are checked by process id at once.
     stale_after_s: float = 600.0
     report: bool = True  # write results.md/.csv/.png (ftexp.report) when the sweep ends
+    # evaluate.py output dirs (zero-/k-shot baselines) shown as the report's first rows
+    baselines: Optional[List[str]] = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="ftexp", node=FtexpSweeperConf, provider="ftexp")
