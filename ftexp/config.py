@@ -162,6 +162,12 @@ class TrainConfig:
     logging_steps: int = 5
     group_by_length: bool = True  # batches of similar length: less padding
     save_model: bool = True
+    # Checkpoints (weights or adapter, optimizer, scheduler, RNG, data position) every save_steps
+    # optimizer steps in <run dir>/checkpoints/. Running the same command again after a kill
+    # resumes from the newest complete one. null = no checkpoints (a kill loses the run).
+    save_steps: Optional[int] = 500
+    save_total_limit: int = 2  # checkpoints kept while training; older ones are pruned
+    keep_checkpoints: bool = False  # false: deleted once the run has finished
 
 
 @dataclass
@@ -222,6 +228,33 @@ LABEL_SCORINGS = ("exact", "surface_forms")
 QUANT_MODES = ("none", "int8", "nf4")
 
 
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key belongs to the schema. Hydra lets ``+train.epoch=3`` add a key to a typed
+    node; unchecked, the misspelt setting would be carried along and silently ignored."""
+    import dataclasses
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    def walk(node, path: str) -> None:
+        kind = OmegaConf.get_type(node)
+        if not dataclasses.is_dataclass(kind):
+            return  # a free-form mapping (data.columns, task.labels, ...)
+        fields = {f.name for f in dataclasses.fields(kind)}
+        for key in node.keys():
+            name = f"{path}{key}"
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), fields, n=3)
+                hint = f" Did you mean {', '.join(path + c for c in close)}?" if close else ""
+                raise ConfigError(f"{name} is not a setting ftexp knows.{hint} Valid keys under "
+                                  f"{path[:-1] or 'the top level'}: {', '.join(sorted(fields))}.")
+            child = node.get(key)
+            if isinstance(child, DictConfig):
+                walk(child, f"{name}.")
+
+    walk(cfg, "")
+
+
 def check_quantization_trains_adapters(cfg: DictConfig) -> None:
     if cfg.quant.name != "none" and not cfg.lora.enabled:
         raise ConfigError(
@@ -245,6 +278,45 @@ def check_train_n_positive(cfg: DictConfig) -> None:
         raise ConfigError(f"train.n={cfg.train.n}: need at least 1 row, or train.n=null for the whole split.")
     if cfg.eval.n is not None and cfg.eval.n < 1:
         raise ConfigError(f"eval.n={cfg.eval.n}: need at least 1 row, or eval.n=null for the whole split.")
+
+
+def check_checkpoint_settings(cfg: DictConfig) -> None:
+    if cfg.train.save_steps is not None and cfg.train.save_steps < 1:
+        raise ConfigError(f"train.save_steps={cfg.train.save_steps}: save every k >= 1 steps, "
+                          "or train.save_steps=null for no checkpoints.")
+    if cfg.train.save_total_limit < 1:
+        raise ConfigError(f"train.save_total_limit={cfg.train.save_total_limit}: keep at least 1 checkpoint.")
+
+
+# key -> (test, what it must be): numbers torch or the trainer would otherwise refuse only
+# after the model has loaded, or take without a word.
+RANGES = {
+    "train.learning_rate": (lambda v: v > 0, "a positive number, e.g. 2e-4"),
+    "train.batch_size": (lambda v: v >= 1, "at least 1 (rows per device per step)"),
+    "train.grad_accum": (lambda v: v >= 1, "at least 1"),
+    "train.max_length": (lambda v: v >= 8, "at least 8 tokens"),
+    "train.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "train.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "train.max_grad_norm": (lambda v: v > 0, "a positive number"),
+    "train.logging_steps": (lambda v: v >= 1, "at least 1"),
+    "eval.batch_size": (lambda v: v >= 1, "at least 1"),
+    "task.generation.max_new_tokens": (lambda v: v >= 1, "at least 1 new token"),
+    "task.generation.num_beams": (lambda v: v >= 1, "at least 1"),
+    "task.generation.temperature": (lambda v: v > 0, "a positive number"),
+    "task.generation.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "lora.r": (lambda v: v >= 1, "at least 1 (higher r: more capacity, more memory)"),
+    "lora.alpha": (lambda v: v > 0, "a positive number (scaling = alpha / r)"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    for key, (ok, what) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value}: must be {what}.")
 
 
 def check_stop_condition(cfg: DictConfig) -> None:
@@ -316,10 +388,13 @@ def check_objective_area(cfg: DictConfig) -> None:
 
 
 RULES = (
+    check_known_keys,
     check_quantization_trains_adapters,
     check_one_quantization,
     check_train_n_positive,
     check_stop_condition,
+    check_ranges,
+    check_checkpoint_settings,
     check_task_kind,
     check_classification_labels,
     check_precision,

@@ -5,7 +5,10 @@ tiny models. Small factories turn config nodes into library objects.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -72,17 +75,70 @@ def build_tiny(mcfg, texts, seed: int, out_dir: Path):
                                num_heads=t.num_heads, intermediate_size=t.intermediate_size,
                                max_position_embeddings=t.max_position_embeddings)
     model = tiny.build_model(config, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    # Written under a temporary name and renamed when whole: a kill or a full disk never
+    # leaves a half-written base_model/ for the next run to trip over.
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / TINY_MADE_BY).write_text(json.dumps(tiny_recipe(mcfg, seed), sort_keys=True))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
     return out_dir
+
+
+TINY_MADE_BY = "ftexp_made_by.json"
+
+
+def tiny_recipe(mcfg, seed: int) -> dict:
+    """What a tiny base model is made from (with the run's texts, fixed by the config)."""
+    from omegaconf import OmegaConf
+
+    return {"tiny": OmegaConf.to_container(mcfg.tiny, resolve=True), "arch": mcfg.arch, "seed": seed}
+
+
+def tiny_is_current(out_dir: Path, mcfg, seed: int) -> bool:
+    """A complete tiny base model made with these settings is already in ``out_dir``."""
+    made_by = out_dir / TINY_MADE_BY
+    if not made_by.exists():
+        return False
+    try:
+        return json.loads(made_by.read_text()) == json.loads(json.dumps(tiny_recipe(mcfg, seed), sort_keys=True))
+    except json.JSONDecodeError:
+        return False
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub id ("org/name"): absolute, relative, home, or deeper."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def check_model_source(path: str) -> None:
+    """Refuse a local model folder that is not there, before transformers reads it as a Hub id."""
+    if looks_like_path(path) and not Path(os.path.expanduser(path)).exists():
+        raise ConfigError(f"model.name_or_path={path}: no such folder. Give a local model folder that exists "
+                          "or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.")
+
+
+def _load_failed(path: str, what: str, err: Exception) -> ConfigError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    hint = (" HF_HUB_OFFLINE is set, so only models already in the Hub cache load: download it once "
+            "online, or point model.name_or_path at a local folder." if offline else
+            " Check the id or folder; gated models such as Llama-2 need `huggingface-cli login` after "
+            "accepting the licence on the Hub.")
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return ConfigError(f"model.name_or_path={path}: could not load its {what} ({first}).{hint}")
 
 
 def load_tokenizer(path: str, mcfg):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=mcfg.revision if path == mcfg.name_or_path else None,
-                                        trust_remote_code=mcfg.trust_remote_code)
+    check_model_source(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=mcfg.revision if path == mcfg.name_or_path else None,
+                                            trust_remote_code=mcfg.trust_remote_code)
+    except (OSError, ValueError) as err:  # not found, offline, gated, no tokenizer files
+        raise _load_failed(path, "tokenizer", err) from err
     if tok.pad_token is None:  # Llama/Falcon/GPT-NeoX ship none; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
     return tok
@@ -181,10 +237,7 @@ def load_model(path: str, mcfg, qcfg, device: str):
         else:
             model = auto.from_pretrained(path, **kwargs)
     except OSError as err:
-        raise ConfigError(
-            f"model.name_or_path={path}: could not load ({err}). Check the id or folder; gated models such as "
-            "Llama-2 need `huggingface-cli login` after accepting the licence on the Hub."
-        ) from err
+        raise _load_failed(path, "weights", err) from err
     if bnb is None:
         model.to(device)
     if model.generation_config.pad_token_id is None:

@@ -73,7 +73,7 @@ def base_model_path(cfg: DictConfig, pool: Dataset | None, run_dir: Path) -> str
     if cfg.model.name_or_path != "tiny":
         return cfg.model.name_or_path
     out = run_dir / "base_model"
-    if not (out / "config.json").exists():
+    if not modeling.tiny_is_current(out, cfg.model, cfg.train.seed):  # missing, partial or made otherwise
         modeling.build_tiny(cfg.model, tiny_corpus(cfg, pool), cfg.train.seed, out)
     return str(out)
 
@@ -102,7 +102,7 @@ def result_row(metrics: dict, objective: str) -> str:
     for key in ("eval/rouge1", "eval/rougeL", "eval/exact_match", "eval/mcrmse"):
         if metrics.get(key) is not None:  # null when nothing parsed (e.g. mcrmse)
             parts.append(f"{key.split('/')[1]} {metrics[key]:.4f}")
-    if objective in metrics and not any(objective.split("/")[-1] in p for p in parts):
+    if objective in metrics and not any(objective.split("/")[-1].lower() in p.lower() for p in parts):
         parts.append(f"{objective} {metrics[objective]}")
     if "train/loss_first" in metrics:
         parts.append(f"loss {metrics['train/loss_first']:.3f}->{metrics['train/loss_last']:.3f}")
@@ -120,8 +120,14 @@ def result_row(metrics: dict, objective: str) -> str:
 def finetune(cfg: DictConfig) -> dict:
     validate(cfg)
     run_dir = resolve_run_dir(cfg)
-    if (done := records.reusable_metrics(run_dir, cfg)) is not None:  # finished before: resume, not redo
-        return done
+    with records.owned(run_dir):  # one live run per folder
+        records.check_same_experiment(run_dir, cfg)  # never write over another config's run
+        if (done := records.reusable_metrics(run_dir, cfg)) is not None:  # finished before: reuse, not redo
+            return done
+        return _finetune(cfg, run_dir)
+
+
+def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.train.seed)
     device = modeling.pick_device(cfg.device)
     records.write_config(cfg, run_dir)
@@ -134,6 +140,7 @@ def finetune(cfg: DictConfig) -> dict:
         tokenizer = modeling.load_tokenizer(base, cfg.model)
         task = build_task(cfg.task, tokenizer=tokenizer, use_chat_template=cfg.model.use_chat_template)
         check_label_words(task, tokenizer)
+        evaluation.check_objective(cfg, task, eval_rows)  # before training, not after
         train_records = to_records(task, train_rows)
         weights = memory.check(cfg.model, cfg.quant, base, device)  # refuses a GPU too small
         model = modeling.load_model(base, cfg.model, cfg.quant, device)
@@ -255,7 +262,7 @@ def load_trained(cfg: DictConfig, trained: Path, device: str):
             raise ConfigError(f"run={trained}: no adapter/ (was it trained with train.save_model=false?).")
         if cfg.model.name_or_path == "tiny" and not (trained / "base_model" / "config.json").exists():
             raise ConfigError(f"run={trained}: the tiny base model (base_model/) is missing from the run.")
-        base = base_model_path(cfg, None, trained)
+        base = str(trained / "base_model") if cfg.model.name_or_path == "tiny" else base_model_path(cfg, None, trained)
         from peft import PeftModel
 
         tokenizer = modeling.load_tokenizer(str(adapter), cfg.model)
@@ -283,6 +290,12 @@ def evaluate_only(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if trained is not None and out_dir.resolve() == trained.resolve():
         raise ConfigError(f"output_dir={cfg.output_dir} is the run being evaluated; its files would be overwritten. "
                           "Give the evaluation a directory of its own.")
+    with records.owned(out_dir):  # one live evaluation per folder, never over another config's results
+        records.check_same_experiment(out_dir, cfg)
+        return _evaluate_only(cfg, out_dir, trained)
+
+
+def _evaluate_only(cfg: DictConfig, out_dir: Path, trained: Path | None) -> dict:
     seed_everything(cfg.train.seed)
     device = modeling.pick_device(cfg.device)
     records.write_config(cfg, out_dir)
@@ -299,6 +312,7 @@ def evaluate_only(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             model = modeling.load_model(base, cfg.model, cfg.quant, device)
         task = build_task(cfg.task, tokenizer=tokenizer, use_chat_template=cfg.model.use_chat_template)
         check_label_words(task, tokenizer)
+        evaluation.check_objective(cfg, task, eval_rows)
 
         # evaluate
         metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)

@@ -12,9 +12,13 @@ import logging
 import math
 import os
 import re
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from ftexp.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +128,93 @@ def reusable_metrics(run_dir: Path, cfg: DictConfig) -> dict | None:
     log.info("%s already holds finished metrics for this config: reusing them (delete metrics.json to rerun).",
              run_dir)
     return metrics
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def config_differences(saved: dict, config: dict) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (logging keys aside)."""
+    a = _flat({k: v for k, v in saved.items() if k not in NON_EXPERIMENT_KEYS})
+    b = _flat({k: v for k, v in config.items() if k not in NON_EXPERIMENT_KEYS})
+    return sorted(k for k in a.keys() | b.keys() if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str))
+
+
+def check_same_experiment(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse ``run_dir`` when it holds a run made from another config.
+
+    Its files (metrics, adapter, base model, checkpoints) describe that run; writing
+    this one over them would mix two experiments in one folder. The same config
+    reuses the folder: finished metrics are returned, a killed run resumes.
+    """
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.exists():
+        return
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
+    except Exception as err:  # unreadable: do not guess, do not overwrite
+        raise ConfigError(f"output_dir={run_dir}: its config.yaml cannot be read ({err}). "
+                          "Give this run another output_dir, or delete that folder to replace it.") from err
+    differ = config_differences(old, config_dict(cfg))
+    if differ:
+        shown = ", ".join(f"{k} ({_short(_get(old, k))} there, {_short(OmegaConf.select(cfg, k))} now)"
+                          for k in differ[:6])
+        more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+        raise ConfigError(
+            f"output_dir={run_dir} holds a run made from another config: {shown}{more}. Its files are kept. "
+            "Give this run another output_dir, or delete that folder to replace it."
+        )
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _short(v) -> str:
+    text = json.dumps(OmegaConf.to_container(v) if isinstance(v, DictConfig) else v, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+LOCK = ".ftexp.lock"
+
+
+@contextmanager
+def owned(run_dir: Path):
+    """Hold ``run_dir`` for one live run: a second run into the same folder is refused.
+
+    An advisory lock (flock) on ``.ftexp.lock``: the kernel drops it when its process
+    dies, so the folder of a killed run is taken over by the next one at once.
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(run_dir / LOCK, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ConfigError(f"output_dir={run_dir} is in use by a live run ({holder}). Wait for it to finish, "
+                              "or give this run another output_dir.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield run_dir
+    finally:
+        fh.close()  # closing releases the lock
 
 
 def write_predictions(rows: list[dict], run_dir: Path) -> None:

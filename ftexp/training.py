@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -21,13 +22,27 @@ log = logging.getLogger(__name__)
 
 
 class LossLog(TrainerCallback):
-    """Append every logging step's record to ``train_log.jsonl`` and keep the losses."""
+    """Append every logging step's record to ``train_log.jsonl`` and keep the losses.
 
-    def __init__(self, path: Path, on_log=None):
+    A run resumed from the checkpoint of step ``resume_step`` keeps the records up to
+    that step (what the killed run logged after it is redone) and goes on appending.
+    """
+
+    def __init__(self, path: Path, on_log=None, resume_step: int = 0):
         self.path = path
         self.losses: list[float] = []
         self.on_log_fn = on_log
-        path.write_text("")
+        kept = []
+        if resume_step and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill
+                    continue
+                if row.get("step", 0) <= resume_step:
+                    kept.append(line)
+                    self.losses.append(float(row["loss"]))
+        path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
@@ -63,7 +78,9 @@ def common_args(cfg, out_dir: Path, device: str, report_to: list[str]) -> dict:
         activation_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
         eval_strategy="no",
         report_to=report_to,
         run_name=cfg.run_name,
@@ -211,26 +228,59 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+CHECKPOINTS = "checkpoints"
+
+
+def last_checkpoint(folder: Path) -> tuple[Path | None, int]:
+    """The newest complete checkpoint in ``folder`` and its step, or (None, 0).
+
+    The trainer writes trainer_state.json last, so a checkpoint a kill cut short
+    (weights but no state) is passed over for the one before it.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = []
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else ():
+        step = path.name.rsplit("-", 1)[-1]
+        if step.isdigit() and (path / "trainer_state.json").exists():
+            found.append((int(step), path))
+    if not found:
+        return None, 0
+    step, path = max(found)
+    return path, step
+
+
 def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, report_to=(), on_log=None) -> dict:
-    """Fit ``model`` on prompt/completion ``train_records``; return train/* metrics."""
-    loss_log = LossLog(run_dir / "train_log.jsonl", on_log)
+    """Fit ``model`` on prompt/completion ``train_records``; return train/* metrics.
+
+    Resumes from the newest complete checkpoint in ``<run_dir>/checkpoints`` when a
+    killed run left one (optimizer, scheduler, RNG and data position included).
+    """
+    scratch = run_dir / CHECKPOINTS  # the trainer's output_dir: checkpoints only
+    resume, resume_step = last_checkpoint(scratch)
+    tokens_before = 0
+    if resume is not None:
+        tokens_before = int(json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen") or 0)
+        log.info("resuming from %s (step %d): weights, optimizer, scheduler, RNG and data position restored",
+                 resume, resume_step)
+    loss_log = LossLog(run_dir / "train_log.jsonl", on_log, resume_step)
     if cfg.model.arch == "seq2seq":
         build = build_seq2seq_trainer
     elif head_has_adapter(model):
         build = build_head_adapter_trainer
     else:
         build = build_sft_trainer
-    trainer = build(cfg, model, tokenizer, train_records, run_dir / "checkpoints", device, list(report_to), [loss_log])
+    trainer = build(cfg, model, tokenizer, train_records, scratch, device, list(report_to), [loss_log])
     trainer.remove_callback(PrinterCallback)  # LossLog reports progress instead of raw dicts
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     runtime = time.perf_counter() - start
-    scratch = run_dir / "checkpoints"  # the trainer's output_dir; ftexp saves no checkpoints
-    if scratch.is_dir() and not any(scratch.iterdir()):
-        scratch.rmdir()
+    if scratch.is_dir() and (not cfg.train.keep_checkpoints or not any(scratch.iterdir())):
+        shutil.rmtree(scratch)
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+
     losses = loss_log.losses or [float(result.training_loss)]
     metrics = {
         "train/loss_first": losses[0],
@@ -240,7 +290,8 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
         "train/samples": len(train_records),
         "train/runtime_s": runtime,
         "train/tokens": tokens,
-        "train/tokens_per_s": tokens / runtime if runtime > 0 else 0.0,
+        "train/tokens_per_s": (tokens - tokens_before) / runtime if runtime > 0 else 0.0,  # this process's
         "train/peak_memory_mb": peak_memory_mb(device),
+        "train/resumed_from_step": resume_step,
     }
     return {"metrics": metrics, "trainer": trainer}
