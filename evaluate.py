@@ -33,6 +33,18 @@ def _own_output_dirs(argv: list[str]) -> list[str]:
             "hydra.sweep.dir='outputs/eval_sweeps/${now:%Y-%m-%d_%H-%M-%S}'"]
 
 
+def _refuse_writing_into_the_run(argv: list[str]) -> None:
+    """Hydra writes its own record (.hydra/, the job log) into hydra.run.dir before any
+    ftexp code runs: pointed at the evaluated run, it would overwrite that run's record."""
+    values = dict(a.split("=", 1) for a in argv if "=" in a)
+    run, out = values.get("run"), values.get("hydra.run.dir")
+    if run and out and Path(run.strip("'\"")).resolve() == Path(out.strip("'\"")).resolve():
+        print(f"ftexp: error: hydra.run.dir={out} is the run being evaluated; its .hydra/ record and files "
+              "would be overwritten. Give the evaluation a directory of its own (or leave hydra.run.dir out).",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 @hydra.main(config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from ftexp.recipes import eval_config, evaluate_only
@@ -45,5 +57,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    _refuse_writing_into_the_run(sys.argv[1:])
     sys.argv += _own_output_dirs(sys.argv[1:])
     main()

@@ -24,6 +24,25 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".pa
 
 
 def _read_file(path: Path, fmt: str | None) -> Dataset:
+    """One local file as a table; a file that cannot be read is named in a ConfigError."""
+    try:
+        table = _parse_file(path, fmt)
+    except ConfigError:
+        raise
+    except Exception as err:  # pandas / pyarrow / datasets errors name neither the file nor a fix
+        root = err
+        while root.__cause__ is not None or root.__context__ is not None:  # the reader's own words
+            root = root.__cause__ or root.__context__
+        first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+        raise ConfigError(f"data.path: {path} could not be read as {fmt or path.suffix.lstrip('.')} "
+                          f"({type(root).__name__}: {first[:300]}). Check the file (empty, truncated or a "
+                          "broken line?) or set data.format.") from err
+    if len(table) == 0 or not table.column_names:
+        raise ConfigError(f"data.path: {path} holds no rows. Point data.path at a file with data in it.")
+    return table
+
+
+def _parse_file(path: Path, fmt: str | None) -> Dataset:
     fmt = fmt or FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ConfigError(f"data.path: cannot tell the format of {path}; set data.format to one of csv, tsv, json, jsonl, parquet.")

@@ -369,6 +369,38 @@ def label_scores(model, tokenizer, task, prompts: Sequence[str], record: dict, e
     return torch.stack([torch.logsumexp(per_form[:, owner_t == label], dim=1) for label in range(len(answers))], 1)
 
 
+def metric_names(cfg, task, record: dict) -> set[str]:
+    """The eval/* keys ``evaluate`` will write for this config, found by scoring one
+    dummy prediction with the task's own code (so no list is kept by hand)."""
+    methods = ["generate", "likelihood"] if cfg.eval.method == "both" else [cfg.eval.method]
+    names = {"eval/n", "eval/shots", "eval/runtime_s"}
+    if "generate" in methods:
+        names |= set(task.score([""], [record])[0])
+    if "likelihood" in methods:
+        prefix = "eval/" if len(methods) == 1 else "eval/likelihood_"
+        gold = task.label_index(record)
+        names |= set(task.score_indices([gold], [gold], [task.words[gold]], prefix=prefix)[0])
+        names.add("eval/label_scoring")
+    if len(methods) > 1:
+        names |= {"eval/method_agreement", "eval/generate_runtime_s", "eval/likelihood_runtime_s"}
+    return names
+
+
+def check_objective(cfg, task, eval_rows) -> None:
+    """Refuse an eval/ objective this run will not produce, before any training."""
+    objective = str(cfg.objective)
+    if objective.startswith("judge/"):
+        raise ConfigError(f"objective={objective}: this run has no LLM judge, so it writes no judge/ metrics. "
+                          f"Use one of the eval/ metrics, e.g. {task.objective_default}.")
+    if not objective.startswith("eval/") or not cfg.eval.enabled or len(eval_rows) == 0:
+        return
+    names = metric_names(cfg, task, dict(eval_rows[0]))
+    if objective not in names:
+        numeric = sorted(n for n in names if n not in ("eval/label_scoring", "eval/irregular_top"))
+        raise ConfigError(f"objective={objective} is not a metric this run writes. Its eval metrics: "
+                          f"{', '.join(numeric)} (plus train/* and model/*).")
+
+
 def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[dict, list[dict]]:
     """Score ``model`` on ``eval_rows`` with the task's metrics.
 

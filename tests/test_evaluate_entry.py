@@ -94,10 +94,20 @@ def test_evaluate_script_bad_input_exits_2_with_a_message_and_keeps_results(trai
     assert proc.returncode == 2
     assert "ftexp: error:" in proc.stderr and "no_such_run" in proc.stderr
     assert "Traceback" not in proc.stderr
-    # an objective the metrics lack is named, with the valid ones, after the results are saved
+    # an objective the run will not write is named, with the valid ones, before anything is evaluated
     out = tmp_path / "eval"
     proc = run_script("evaluate.py", f"run={trained_runs['full']}", "eval.n=2", "objective=eval/nonsense",
                       f"output_dir={out}", f"hydra.run.dir={tmp_path / 'h2'}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "objective='eval/nonsense' is not in this run's metrics" in proc.stderr and "eval/accuracy" in proc.stderr
-    assert json.loads((out / "metrics.json").read_text())["eval/n"] == 2
+    assert "objective=eval/nonsense is not a metric this run writes" in proc.stderr and "eval/accuracy" in proc.stderr
+    assert not (out / "metrics.json").exists()
+
+
+def test_hydra_run_dir_pointed_at_the_evaluated_run_is_refused_before_hydra_writes(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("the run's own record\n")
+    proc = run_script("evaluate.py", f"run={run}", f"hydra.run.dir={run}")
+    assert proc.returncode == 2 and "is the run being evaluated" in proc.stderr
+    assert (run / ".hydra" / "config.yaml").read_text() == "the run's own record\n"
+    assert sorted(p.name for p in run.iterdir()) == [".hydra"]

@@ -27,8 +27,16 @@ def test_train_py_runs_and_prints_the_result_row(tmp_path):
     (["quant=nf4", "lora=none"], "QLoRA trains adapters only"),
     (["train.epochs=null"], "stop condition"),
     (["task.labels={0: '',1: positive}"], "empty label word"),
-    (["objective=eval/nonsense"], "objective='eval/nonsense' is not in this run's metrics"),
+    (["objective=eval/nonsense"], "objective=eval/nonsense is not a metric this run writes"),
+    (["objective=judge/relevance"], "this run has no LLM judge"),
     (["train.learnig_rate=1"], "learnig_rate"),
+    (["+train.epoch=3"], "train.epoch is not a setting ftexp knows. Did you mean train.epochs?"),
+    (["+train.save_step=50"], "Did you mean train.save_steps"),
+    (["train.learning_rate=-1"], "train.learning_rate=-1.0: must be a positive number"),
+    (["train.batch_size=0"], "train.batch_size=0: must be at least 1"),
+    (["task.generation.max_new_tokens=0"], "task.generation.max_new_tokens=0: must be at least 1"),
+    (["train.save_steps=0"], "train.save_steps=0"),
+    (["model.name_or_path=/no/such/model"], "model.name_or_path=/no/such/model: no such folder"),
 ])
 def test_bad_input_gives_a_clear_message_and_nonzero_exit(tmp_path, args, needle):
     overrides = [a for a in FAST if not (a.startswith("train.max_steps") and "train.epochs=null" in args)]
@@ -37,5 +45,29 @@ def test_bad_input_gives_a_clear_message_and_nonzero_exit(tmp_path, args, needle
     proc = run_script("train.py", *overrides, "eval.n=4", f"output_dir={tmp_path / 'run'}", *args)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
+    assert needle in text, text[-2000:]
+    assert "Traceback" not in text
+    assert not (tmp_path / "run" / "train_log.jsonl").exists(), "refused only after training started"
+
+
+BAD_FILES = {  # file body, what the message must say
+    "empty": ("", "train.tsv could not be read as tsv (EmptyDataError"),
+    "broken_jsonl": ('{"text": "a fine film", "label": 1}\n{"text": "dull", "lab\n', "train.jsonl could not be read as jsonl"),
+    "corrupt_parquet": ("PAR1 not really parquet", "train.parquet could not be read as parquet"),
+    "unknown_label": ("text\tlabel\na fine film\t1\ndull\t0\nmeh\t2\n", "label 2 (field 'label') has no word in task.labels"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_a_bad_data_file_is_named_in_one_line(tmp_path, case):
+    body, needle = BAD_FILES[case]
+    suffix = {"broken_jsonl": "jsonl", "corrupt_parquet": "parquet"}.get(case, "tsv")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        (folder / f"{split}.{suffix}").write_text(body)
+    proc = run_script("train.py", *FAST, "eval.n=2", f"output_dir={tmp_path / 'run'}", f"data.path={folder}")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text[-2000:]
     assert needle in text, text[-2000:]
     assert "Traceback" not in text

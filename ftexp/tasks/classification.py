@@ -9,6 +9,7 @@ import re
 from collections import Counter
 from typing import Sequence
 
+from ftexp.config import ConfigError
 from ftexp.tasks.base import Task
 
 _WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*", re.UNICODE)
@@ -35,9 +36,10 @@ class ClassificationTask(Task):
         raw = record[self.cfg.target]
         key = str(int(raw)) if isinstance(raw, float) and raw.is_integer() else str(raw)
         if key not in self.labels:
-            raise ValueError(
+            raise ConfigError(
                 f"label {raw!r} (field '{self.cfg.target}') has no word in task.labels {self.labels}. "
-                "Add it, e.g. task.labels='{0: negative, 1: positive}'."
+                "Add it, e.g. task.labels='{0: negative, 1: positive}', or map another column with "
+                "data.columns.label=<column>."
             )
         return self.label_keys.index(key)
 
