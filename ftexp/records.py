@@ -75,7 +75,7 @@ def read_metrics(run_dir: Path) -> dict | None:
 
 
 def write_failure(run_dir: Path, exc: BaseException, summary: str | None = None,
-                  out_of_memory: bool = False) -> None:
+                  out_of_memory: bool = False, values: dict | None = None) -> None:
     """``failed.json``: why a run stopped (a sweep records it and goes on; the report shows it)."""
     import traceback
 
@@ -88,6 +88,8 @@ def write_failure(run_dir: Path, exc: BaseException, summary: str | None = None,
         "out_of_memory": out_of_memory,
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:],
     }
+    if values:  # the swept values of a run that never composed a config.yaml: the report places it by them
+        record["values"] = {k: v for k, v in values.items()}
     path = run_dir / "failed.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -63,6 +63,7 @@ class Run:
     config: dict  # flat: "train.n" -> 100
     metrics: dict | None
     failure: dict | None
+    partial: bool = False  # config holds only the swept values (failed before composing)
 
     @property
     def status(self) -> str:
@@ -91,7 +92,11 @@ def load_run(path: Path) -> Run:
                     break
                 except Exception:
                     continue
-    return Run(path=path, config=config, metrics=records.read_metrics(path), failure=records.read_failure(path))
+    failure = records.read_failure(path)
+    partial = False
+    if not config and failure and failure.get("values"):  # a trial whose config never composed
+        config, partial = dict(failure["values"]), True
+    return Run(path=path, config=config, metrics=records.read_metrics(path), failure=failure, partial=partial)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -115,6 +120,18 @@ def find_runs(root: Path, depth: int = 2) -> list[Run]:
 
 def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in records.NON_EXPERIMENT_KEYS)
+
+
+def fill_partial_configs(runs: list[Run]) -> None:
+    """A trial that failed before composing knows only its swept values: give it the settings
+    every composed run of the sweep shares, so it lands in its own cell with the right label."""
+    full = [r.config for r in runs if r.config and not r.partial]
+    if not full:
+        return
+    common = {k: v for k, v in full[0].items() if all(c.get(k, object()) == v for c in full[1:])}
+    for run in runs:
+        if run.partial:
+            run.config = {**common, **run.config}
 
 
 def swept_axes(runs: list[Run]) -> list[str]:
@@ -260,7 +277,7 @@ def training_size(cell: Cell) -> tuple[int | None, str]:
     if n is None:
         sizes = cell.values_of("train/samples")
         n = int(sizes[0]) if sizes else None
-    size = f"{n:,}" if isinstance(n, int) else "full"
+    size = f"{n:,}" if isinstance(n, int) else "full" if n is None else str(n)
     steps, epochs = config.get("train.max_steps"), config.get("train.epochs")
     if steps:
         return n, f"{size} ({steps} step{'s' if steps != 1 else ''})"
@@ -404,8 +421,9 @@ def _sort_key(cell: Cell) -> tuple:
     cfg = cell.config
     if cell.baseline:  # baselines first: zero-shot, then by number of shots
         return (False, int(cfg.get("eval.shots") or 0), method_label(cfg, True), 0.0, "")
-    return (True, method_label(cfg, cell.baseline), math.inf if n is None else n,
-            float(cfg.get("train.epochs") or 0), json.dumps(cell.values, sort_keys=True, default=str))
+    epochs = cfg.get("train.epochs")
+    return (True, method_label(cfg, cell.baseline), n if isinstance(n, (int, float)) else math.inf,
+            epochs if isinstance(epochs, (int, float)) else 0.0, json.dumps(cell.values, sort_keys=True, default=str))
 
 
 def build_table(sweep_dir: Path, baselines: list[Path] = ()) -> Table:
@@ -418,6 +436,7 @@ def build_table(sweep_dir: Path, baselines: list[Path] = ()) -> Table:
     if not runs:
         raise ReportError(f"No runs under {sweep_dir}: expected run folders holding config.yaml, metrics.json "
                           "or failed.json (one per trial of a sweep).")
+    fill_partial_configs(runs)
     axes = swept_axes(runs)
     cells = group_cells(runs, axes)
     for base in baselines:

@@ -38,10 +38,10 @@ def env():
             "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_sweep(sweep_dir, *args, sampler="grid", timeout=300):
+def run_sweep(sweep_dir, *args, sampler="grid", timeout=300, rc=0):
     done = subprocess.run(sweep_cmd(sweep_dir, *args, sampler=sampler), cwd=ROOT, env=env(), capture_output=True,
                           text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == rc, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
@@ -96,7 +96,8 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     first = metrics_mtimes(sweep)
     assert list(first) == ["0_n=16"]
 
-    run_sweep(sweep, *axes)
+    done = run_sweep(sweep, *axes, rc=1)  # a failed trial: recorded, reported, and a non-zero exit
+    assert "ftexp: error: 1 of" in done.stderr and "Traceback" not in done.stderr
     # (a trial the kill caught before it was given a cell is released, not counted)
     ts = [t for t in trials(sweep) if "ftexp:released" not in t.user_attrs]
     complete = sorted(t.user_attrs["train.n"] for t in ts if t.state == TrialState.COMPLETE)
@@ -198,3 +199,15 @@ def test_wandb_offline_logs_each_trial_grouped_by_sweep_and_named_by_its_values(
     for path in sweep.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert fake_token.encode() not in path.read_bytes(), path
+
+
+def test_a_trial_whose_overrides_do_not_compose_is_a_failed_trial_with_its_own_record(tmp_path):
+    sweep = tmp_path / "bad_value"
+    done = run_sweep(sweep, "train.n=abc,16", rc=1)
+    assert "ftexp: error: 1 of 2 trials failed" in done.stderr and "Traceback" not in done.stderr
+    failure = json.loads((sweep / "0_n=abc" / "failed.json").read_text())
+    assert "train.n=abc" in failure["error"] and failure["values"] == {"train.n": "abc"}
+    md = (sweep / "results.md").read_text()
+    assert "1 finished, 1 failed" in md
+    row = next(line for line in md.splitlines() if "| abc (1 step) |" in line)
+    assert row.startswith("| tiny · full fine-tune") and "failed: " in row

@@ -76,6 +76,14 @@ BASE_CONFIG = "ftexp:base_config"  # study user attr: the fixed part of the conf
 class SweepError(RuntimeError):
     """A sweep that cannot start as asked; the message says what to change."""
 
+    exit_code = 2
+
+
+class TrialsFailed(SweepError):
+    """Some trials failed; the sweep has recorded them and written its report."""
+
+    exit_code = 1
+
 
 class FtexpSweeperImpl(OptunaSweeperImpl):
     def __init__(self, sampler: Any, direction: Any, storage: Any, study_name: str | None, n_trials: int | None,
@@ -149,6 +157,9 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
         else:
             self._run_sampler(study, space)
         self._finish(study, grid_mode)
+        if self.failures:
+            raise TrialsFailed(f"{self.failures} of {self.attempted} trials failed in this sweep (the report and "
+                             f"failed.json in their folders say why). Rerunning the same command retries them.")
 
     # ------------------------------------------------------------------ study and storage
 
@@ -526,12 +537,18 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
             study.tell(trial, values=vals)
             self._index_add(trial.user_attrs[RUN_DIR])
         if self.attempted and self.failures / self.attempted > self.max_failure_rate:
-            raise SweepError(f"{self.failures} of {self.attempted} trials failed, more than "
+            raise TrialsFailed(f"{self.failures} of {self.attempted} trials failed, more than "
                              f"max_failure_rate={self.max_failure_rate}. See failed.json in their run folders.")
 
     def _fail(self, study: optuna.Study, trial: optuna.Trial, error: str) -> None:
         self.failures += 1
         trial.set_user_attr(ERROR, error)
+        folder = trial.user_attrs.get(RUN_DIR)
+        if folder and not (self.sweep_dir / folder / "failed.json").exists():
+            # the job never ran far enough to record itself (its overrides did not compose, or the
+            # launcher broke): the trial still gets a folder and a record, so the table counts it
+            values = {k: v for k, v in trial.user_attrs.items() if not k.startswith("ftexp:")}
+            records.write_failure(self.sweep_dir / folder, SweepError(error), summary=error, values=values)
         study.tell(trial, state=TrialState.FAIL)
         log.warning("Trial %d failed: %s (recorded; the sweep goes on)", trial.number, error)
 

@@ -7,6 +7,7 @@ docstring.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -73,4 +74,10 @@ class FtexpSweeper(Sweeper):
         self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> None:
-        return self.sweeper.sweep(arguments)
+        from ._impl import SweepError
+
+        try:
+            return self.sweeper.sweep(arguments)
+        except SweepError as err:  # a message, not a traceback: the sweep's records are on disk
+            print(f"ftexp: error: {err}", file=sys.stderr, flush=True)
+            sys.exit(err.exit_code)
