@@ -73,6 +73,16 @@ RUN_DIR = "ftexp:run_dir"  # user attr: the trial's run folder, relative to the 
 BASE_CONFIG = "ftexp:base_config"  # study user attr: the fixed part of the config
 
 
+def shown_url(url: str) -> str:
+    """A storage URL as it may be logged or written down: any password masked."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: nothing to hide
+        return str(url)
+
+
 class SweepError(RuntimeError):
     """A sweep that cannot start as asked; the message says what to change."""
 
@@ -181,12 +191,18 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
                 study = optuna.create_study(study_name=self.study_name_used, storage=storage, sampler=sampler,
                                             directions=self._directions(), load_if_exists=True)
                 break
+            except ModuleNotFoundError as err:  # the database driver is an extra
+                raise SweepError(f"hydra.sweeper.storage={shown_url(url)} needs the database driver {err.name}: "
+                                 "pip install -e \".[postgres]\" (or the driver for your database).") from None
             except Exception as err:  # workers starting together race to create the schema
                 # ("table ... already exists", "UNIQUE constraint failed: alembic_version", "locked")
                 if attempt == 5 or not type(err).__module__.startswith(("sqlalchemy", "optuna")):
+                    if type(err).__module__.startswith("sqlalchemy"):
+                        raise SweepError(f"hydra.sweeper.storage={shown_url(url)}: cannot open the study "
+                                         f"({sw.error_summary(err)[0]}). Check the server, database and user.") from None
                     raise
                 sw.backoff(attempt)
-        self.storage_shown = url if isinstance(url, str) else type(url).__name__
+        self.storage_shown = shown_url(url) if isinstance(url, str) else type(url).__name__
         n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         log.info("Study %r in %s: %d finished trial(s) stored", study.study_name, self.storage_shown, n)
         n_all = len(study.get_trials(deepcopy=False))
