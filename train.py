@@ -5,6 +5,8 @@
     python train.py -m +sweep=sst2_study data.path=/data/SST-2   # a study's sweep: see sweeps/
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -22,4 +24,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from ftexp.distributed import rank
+
+    if rank() > 0:  # under torchrun, rank 0 alone writes Hydra's record and job log into the run dir
+        sys.argv.append("hydra.output_subdir=null")
+        if not any(a.startswith("hydra/job_logging=") for a in sys.argv):
+            sys.argv.append("hydra/job_logging=stdout")
     main()

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from ftexp.config import ConfigError
+from ftexp.distributed import is_main
 
 log = logging.getLogger("ftexp")
 
@@ -16,7 +17,7 @@ def run_guarded(fn, cfg, objective: str | None = None):
     message and exit code 2 instead of a traceback."""
     try:
         metrics = fn(cfg)
-        if not objective:
+        if not objective or not is_main():  # other ranks of a torchrun neither evaluate nor report
             return metrics
         if objective not in metrics and objective.startswith("eval/") and not cfg.eval.enabled:
             log.warning("eval.enabled=false: no %s to return; the run's results are in its directory.", objective)

@@ -67,6 +67,9 @@ class QuantConfig:
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: str = "bfloat16"  # float32 on CPUs without bf16 maths
+    # dtype the packed 4-bit weights are stored in; FSDP / ZeRO-3 shard them only when it equals
+    # the compute dtype (accelerate/fsdp_qlora.yaml). null = bitsandbytes' default (uint8)
+    bnb_4bit_quant_storage: Optional[str] = None
     llm_int8_threshold: float = 6.0
 
 
@@ -218,6 +221,9 @@ def register_configs() -> None:
     """Put the schema into Hydra's ConfigStore; config.yaml lists it first."""
     cs = ConfigStore.instance()
     cs.store(name="ftexp_schema", node=RunConfig, replace=True)
+    from ftexp.distributed import register_resolver
+
+    register_resolver()
 
 
 # --------------------------------------------------------------------------- rules

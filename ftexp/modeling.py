@@ -56,6 +56,8 @@ def quantization_config(qcfg):
         bnb_4bit_quant_type=qcfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=qcfg.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=_dtype(qcfg.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype"),
+        **({"bnb_4bit_quant_storage": _dtype(qcfg.bnb_4bit_quant_storage, "quant.bnb_4bit_quant_storage")}
+           if qcfg.get("bnb_4bit_quant_storage") else {}),
     )
 
 
@@ -222,7 +224,8 @@ def load_model(path: str, mcfg, qcfg, device: str):
     bnb = quantization_config(qcfg)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        # each process of a torchrun / accelerate launch puts its quantized copy on its own GPU
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if device == "cuda" else {"": "cpu"}
     requested = load_dtype(mcfg, qcfg, "cuda")  # what was asked for, before the CPU fallback
     if device == "cpu" and requested == torch.float16:
         log.warning("float16 is slow or unsupported on CPU; loading in float32 instead")

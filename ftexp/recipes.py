@@ -17,7 +17,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftexp import data as data_mod
-from ftexp import evaluation, gguf, memory, modeling, records, training
+from ftexp import distributed, evaluation, gguf, memory, modeling, records, training
 from ftexp.config import ConfigError, validate
 from ftexp.tasks import build_task
 
@@ -120,23 +120,36 @@ def result_row(metrics: dict, objective: str) -> str:
 def finetune(cfg: DictConfig) -> dict:
     validate(cfg)
     run_dir = resolve_run_dir(cfg)
-    with records.owned(run_dir):  # one live run per folder
-        records.check_same_experiment(run_dir, cfg)  # never write over another config's run
-        if (done := records.reusable_metrics(run_dir, cfg)) is not None:  # finished before: reuse, not redo
-            return done
+    if not distributed.is_main():  # torchrun / accelerate: rank 0 owns the folder and says whether to train
+        verdict = distributed.agree(None)
+        if verdict != "train":
+            log.info("rank %d: nothing to train (%s)", distributed.rank(), verdict)
+            return {}
         return _finetune(cfg, run_dir)
+    with records.owned(run_dir):  # one live run per folder
+        try:
+            records.check_same_experiment(run_dir, cfg)  # never write over another config's run
+            done = records.reusable_metrics(run_dir, cfg)  # finished before: reuse, not redo
+        except ConfigError:
+            distributed.agree("refused by rank 0")
+            raise
+        distributed.agree("train" if done is None else "finished before")
+        return done if done is not None else _finetune(cfg, run_dir)
 
 
 def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.train.seed)
     device = modeling.pick_device(cfg.device)
-    records.write_config(cfg, run_dir)
-    tracker = records.Tracker(cfg.logger, cfg, run_dir)
+    main = distributed.is_main()  # only rank 0 writes records, the adapter and W&B, and evaluates
+    if main:
+        records.write_config(cfg, run_dir)
+    tracker = records.Tracker(cfg.logger if main else OmegaConf.create({"name": "none"}), cfg, run_dir)
     failed = True
     try:
         # setup: data, tokenizer, task, model, adapters
         pool, train_rows, eval_rows = load_data(cfg)
-        base = base_model_path(cfg, pool, run_dir)
+        with distributed.main_first():  # a base model rank 0 writes is read by the others after it
+            base = base_model_path(cfg, pool, run_dir)
         tokenizer = modeling.load_tokenizer(base, cfg.model)
         task = build_task(cfg.task, tokenizer=tokenizer, use_chat_template=cfg.model.use_chat_template)
         check_label_words(task, tokenizer)
@@ -157,6 +170,9 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
             cfg, model, tokenizer, train_records, run_dir, device, tracker.report_to)
         metrics.update(fit["metrics"])
         model = fit["trainer"].model
+        if not main:
+            failed = False
+            return metrics
         if cfg.train.save_model:
             out = run_dir / ("adapter" if cfg.lora.enabled else "model")
             model.save_pretrained(out)

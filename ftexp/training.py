@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
+from ftexp import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -42,10 +44,11 @@ class LossLog(TrainerCallback):
                 if row.get("step", 0) <= resume_step:
                     kept.append(line)
                     self.losses.append(float(row["loss"]))
-        path.write_text("".join(line + "\n" for line in kept))
+        if distributed.is_main():
+            path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         self.losses.append(float(logs["loss"]))
@@ -277,7 +280,8 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     runtime = time.perf_counter() - start
-    if scratch.is_dir() and (not cfg.train.keep_checkpoints or not any(scratch.iterdir())):
+    distributed.barrier()  # every rank is done with the checkpoints before rank 0 removes them
+    if distributed.is_main() and scratch.is_dir() and (not cfg.train.keep_checkpoints or not any(scratch.iterdir())):
         shutil.rmtree(scratch)
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
 
@@ -293,5 +297,8 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
         "train/tokens_per_s": (tokens - tokens_before) / runtime if runtime > 0 else 0.0,  # this process's
         "train/peak_memory_mb": peak_memory_mb(device),
         "train/resumed_from_step": resume_step,
+        # train.batch_size is per process; a step sees world_size x batch_size x grad_accum rows
+        "train/world_size": distributed.world_size(),
+        "train/global_batch_size": distributed.world_size() * cfg.train.batch_size * cfg.train.grad_accum,
     }
     return {"metrics": metrics, "trainer": trainer}
