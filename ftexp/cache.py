@@ -47,6 +47,7 @@ def tokenize_prompt_completion(tokenizer, prompts, completions) -> dict:
 def fingerprint(tokenizer, cfg) -> str:
     """Everything that changes the tokens of the permuted train split."""
     state = {
+        "format": 2,  # 2: answers joined to their prompt (no space after a chat template's newline)
         "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
         if hasattr(tokenizer, "backend_tokenizer") else tokenizer.name_or_path,
         "chat_template": getattr(tokenizer, "chat_template", None),

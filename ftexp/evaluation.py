@@ -111,10 +111,7 @@ def option_token_ids(tokenizer, options: Sequence[str], seq2seq: bool = False, a
         elif after is not None:
             head = after_ids if after_ids is not None else tokenizer(after)["input_ids"]
             whole = tokenizer(after + opt)["input_ids"]
-            k = 0
-            while k < min(len(head), len(whole)) and head[k] == whole[k]:
-                k += 1
-            tok = whole[k:]
+            tok = whole[_common_prefix(head, whole):]
         else:
             stub = len(tokenizer("x", add_special_tokens=False)["input_ids"])
             tok = tokenizer("x" + opt, add_special_tokens=False)["input_ids"][stub:]
@@ -158,7 +155,14 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[s
     else:
         groups: dict = {}
         for i, (p, ids) in enumerate(zip(prompts, prompt_ids)):
-            key = tuple(map(tuple, option_token_ids(tokenizer, [join(p, o) for o in options], after=p, after_ids=ids)))
+            wholes = [tokenizer(p + join(p, o))["input_ids"] for o in options]
+            # where the prompt's own ids stop: a prompt ending in a space may merge that space into
+            # the answer's first token; the answer is then scored after the shorter context
+            cut = min(_common_prefix(ids, w) for w in wholes)
+            if any(len(w) <= cut for w in wholes):
+                raise ConfigError(f"task.labels: an option encodes to no tokens after the prompt; options: {options}")
+            prompt_ids[i] = ids[:cut]
+            key = tuple(tuple(w[cut:]) for w in wholes)
             groups.setdefault(key, []).append(i)
     if max_length:
         prompt_ids = [ids[-max_length:] for ids in prompt_ids]
@@ -197,6 +201,13 @@ def _causal_logprobs(model, prompt_ids, option_ids, pad, batch_size, device, sha
             positions = torch.arange(width - n, width)
             scores[i, j] = logp[row, positions, torch.tensor(option_ids[j])].sum()
     return scores
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
 
 
 def _shared_prefix(seqs: list[list[int]]) -> list[int]:
@@ -394,9 +405,9 @@ def check_objective(cfg, task, eval_rows) -> None:
                           f"Use one of the eval/ metrics, e.g. {task.objective_default}.")
     if not objective.startswith("eval/") or not cfg.eval.enabled or len(eval_rows) == 0:
         return
-    names = metric_names(cfg, task, dict(eval_rows[0]))
-    if objective not in names:
-        numeric = sorted(n for n in names if n not in ("eval/label_scoring", "eval/irregular_top"))
+    numeric = sorted(n for n in metric_names(cfg, task, dict(eval_rows[0]))
+                     if n not in ("eval/label_scoring", "eval/irregular_top"))  # words, not numbers
+    if objective not in numeric:
         raise ConfigError(f"objective={objective} is not a metric this run writes. Its eval metrics: "
                           f"{', '.join(numeric)} (plus train/* and model/*).")
 

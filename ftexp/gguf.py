@@ -90,6 +90,9 @@ def check_file(path: Path) -> None:
     if head != MAGIC:
         raise ConfigError(f"{path} is not a GGUF file (it starts with {head!r}, not {MAGIC!r}). "
                           "Give model.gguf_file a .gguf checkpoint, or leave it empty for a regular model.")
+
+
+def check_reader() -> None:
     try:
         import gguf  # noqa: F401  (transformers reads GGUF through it)
     except ImportError:
@@ -110,6 +113,7 @@ def convert(file: Path, out: Path, dtype) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_reader()
     start = time.perf_counter()
     log.info("converting %s to a plain model (once; later runs load %s)", file.name, out)
     tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)

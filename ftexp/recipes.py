@@ -126,15 +126,18 @@ def finetune(cfg: DictConfig) -> dict:
             log.info("rank %d: nothing to train (%s)", distributed.rank(), verdict)
             return {}
         return _finetune(cfg, run_dir)
-    with records.owned(run_dir):  # one live run per folder
-        try:
+    told = False  # the other ranks wait for rank 0's verdict: they must get one whatever happens
+    try:
+        with records.owned(run_dir):  # one live run per folder
             records.check_same_experiment(run_dir, cfg)  # never write over another config's run
             done = records.reusable_metrics(run_dir, cfg)  # finished before: reuse, not redo
-        except ConfigError:
+            distributed.agree("train" if done is None else "finished before")
+            told = True
+            return done if done is not None else _finetune(cfg, run_dir)
+    except BaseException:
+        if not told:
             distributed.agree("refused by rank 0")
-            raise
-        distributed.agree("train" if done is None else "finished before")
-        return done if done is not None else _finetune(cfg, run_dir)
+        raise
 
 
 def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
@@ -169,14 +172,25 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         fit = training.train(
             cfg, model, tokenizer, train_records, run_dir, device, tracker.report_to)
         metrics.update(fit["metrics"])
-        model = fit["trainer"].model
+        trainer = fit["trainer"]
+        model = trainer.model
+        out = run_dir / ("adapter" if cfg.lora.enabled else "model")
+        sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+        if cfg.train.save_model:
+            if sharded:  # every rank hands in its shard; the trainer writes one whole copy
+                trainer.save_model(str(out))
+            elif main:
+                model.save_pretrained(out)
+            if main:
+                tokenizer.save_pretrained(out)
         if not main:
             failed = False
             return metrics
-        if cfg.train.save_model:
-            out = run_dir / ("adapter" if cfg.lora.enabled else "model")
-            model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
+        if sharded and cfg.eval.enabled:  # rank 0 holds a shard only: evaluate the saved whole
+            if not cfg.train.save_model:
+                raise ConfigError("FSDP / ZeRO-3 runs are evaluated from the saved model: set train.save_model=true "
+                                  "or eval.enabled=false.")
+            model, tokenizer = load_trained(cfg, run_dir, device)
 
         # evaluate
         if cfg.eval.enabled:

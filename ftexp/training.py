@@ -262,6 +262,9 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
     scratch = run_dir / CHECKPOINTS  # the trainer's output_dir: checkpoints only
     resume, resume_step = last_checkpoint(scratch)
     tokens_before = 0
+    if resume is None and cfg.train.save_steps and not cfg.output_dir:
+        log.info("checkpoints every %d steps in %s; after a kill, resume with output_dir=%s",
+                 cfg.train.save_steps, scratch, run_dir)
     if resume is not None:
         tokens_before = int(json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen") or 0)
         log.info("resuming from %s (step %d): weights, optimizer, scheduler, RNG and data position restored",
@@ -282,7 +285,10 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
     runtime = time.perf_counter() - start
     distributed.barrier()  # every rank is done with the checkpoints before rank 0 removes them
     if distributed.is_main() and scratch.is_dir() and (not cfg.train.keep_checkpoints or not any(scratch.iterdir())):
-        shutil.rmtree(scratch)
+        gone = scratch.with_name(scratch.name + ".removing")  # a kill mid-removal leaves no half checkpoint
+        shutil.rmtree(gone, ignore_errors=True)
+        scratch.rename(gone)
+        shutil.rmtree(gone)
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
 
     losses = loss_log.losses or [float(result.training_loss)]
@@ -294,7 +300,7 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
         "train/samples": len(train_records),
         "train/runtime_s": runtime,
         "train/tokens": tokens,
-        "train/tokens_per_s": (tokens - tokens_before) / runtime if runtime > 0 else 0.0,  # this process's
+        "train/tokens_per_s": (tokens - tokens_before) / runtime if runtime > 0 else 0.0,  # all ranks, since start or resume
         "train/peak_memory_mb": peak_memory_mb(device),
         "train/resumed_from_step": resume_step,
         # train.batch_size is per process; a step sees world_size x batch_size x grad_accum rows

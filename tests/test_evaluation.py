@@ -176,3 +176,26 @@ def test_options_after_a_prompt_are_the_tokens_past_the_prompt(trained):
         ids = evaluation.option_token_ids(tok, [opt], after=prompt)[0]
         whole = tok(prompt + opt)["input_ids"]
         assert whole[len(whole) - len(ids):] == ids and whole[: len(whole) - len(ids)] == tok(prompt)["input_ids"]
+
+
+def test_an_answer_that_merges_with_the_prompts_last_space_is_scored_as_written(trained):
+    """A prompt ending in a space: 'Answer: ' + 'positive' encodes as 'Answer:' + ' positive', so the
+    answer's token is scored after 'Answer:', exactly as training sees that text."""
+    from ftexp.tasks.base import join_answer
+
+    _, model, tok, task, records = trained
+    prompts = [task.prompt(r) + " Answer: " for r in records[:4]]
+    options = [" positive", " negative"]
+    scores = evaluation.label_logprobs(model, tok, prompts, options, batch_size=3, join=join_answer)
+    merged = 0
+    for i, p in enumerate(prompts):
+        head = tok(p)["input_ids"]
+        for j, opt in enumerate(options):
+            whole = tok(p + join_answer(p, opt))["input_ids"]
+            k = next((n for n, (a, b) in enumerate(zip(head, whole)) if a != b), min(len(head), len(whole)))
+            merged += k < len(head)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+            expected = sum(logp[t - 1, whole[t]].item() for t in range(k, len(whole)))
+            assert scores[i, j].item() == pytest.approx(expected, abs=1e-4)
+    assert merged, "the tokenizer never merged the space: the case is not exercised"

@@ -162,10 +162,14 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
         self.failures = 0
         self.attempted = 0
         self.index = self._finished_runs()
-        if grid_mode:
-            self._run_grid(study, cells)
-        else:
-            self._run_sampler(study, space)
+        try:
+            if grid_mode:
+                self._run_grid(study, cells)
+            else:
+                self._run_sampler(study, space)
+        except TrialsFailed:  # too many failures: stop, but leave the summary and the report behind
+            self._finish(study, grid_mode)
+            raise
         self._finish(study, grid_mode)
         if self.failures:
             raise TrialsFailed(f"{self.failures} of {self.attempted} trials failed in this sweep (the report and "
@@ -529,9 +533,9 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
         except Exception as err:  # the launcher itself broke (e.g. a worker process was killed)
             line = sw.error_summary(err)[0]
             log.error("The launcher failed for trials %s: %s", [t.number for t, _, _ in batch], line)
-            for trial, _, _ in batch:
+            for trial, values, _ in batch:
                 self.attempted += 1
-                self._fail(study, trial, f"launcher: {line}")
+                self._fail(study, trial, f"launcher: {line}", values)
             return
         finally:
             stop.set()
@@ -548,7 +552,7 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
                 except (TypeError, ValueError):
                     error = f"the task returned {ret.return_value!r}, not a number (objective missing?)"
             if error is not None:
-                self._fail(study, trial, error)
+                self._fail(study, trial, error, values)
                 continue
             study.tell(trial, values=vals)
             self._index_add(trial.user_attrs[RUN_DIR])
@@ -556,14 +560,14 @@ class FtexpSweeperImpl(OptunaSweeperImpl):
             raise TrialsFailed(f"{self.failures} of {self.attempted} trials failed, more than "
                              f"max_failure_rate={self.max_failure_rate}. See failed.json in their run folders.")
 
-    def _fail(self, study: optuna.Study, trial: optuna.Trial, error: str) -> None:
+    def _fail(self, study: optuna.Study, trial: optuna.Trial, error: str, values: dict | None = None) -> None:
         self.failures += 1
         trial.set_user_attr(ERROR, error)
         folder = trial.user_attrs.get(RUN_DIR)
         if folder and not (self.sweep_dir / folder / "failed.json").exists():
             # the job never ran far enough to record itself (its overrides did not compose, or the
             # launcher broke): the trial still gets a folder and a record, so the table counts it
-            values = {k: v for k, v in trial.user_attrs.items() if not k.startswith("ftexp:")}
+            values = values or {k: v for k, v in trial.user_attrs.items() if not k.startswith("ftexp:")}
             records.write_failure(self.sweep_dir / folder, SweepError(error), summary=error, values=values)
         study.tell(trial, state=TrialState.FAIL)
         log.warning("Trial %d failed: %s (recorded; the sweep goes on)", trial.number, error)
