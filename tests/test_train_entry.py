@@ -37,6 +37,7 @@ def test_train_py_runs_and_prints_the_result_row(tmp_path):
     (["task.generation.max_new_tokens=0"], "task.generation.max_new_tokens=0: must be at least 1"),
     (["train.save_steps=0"], "train.save_steps=0"),
     (["model.name_or_path=/no/such/model"], "model.name_or_path=/no/such/model: no such folder"),
+    (["model.name_or_path=some-org/no-such-model"], "model.name_or_path=some-org/no-such-model: could not load its tokenizer"),
 ])
 def test_bad_input_gives_a_clear_message_and_nonzero_exit(tmp_path, args, needle):
     overrides = [a for a in FAST if not (a.startswith("train.max_steps") and "train.epochs=null" in args)]
