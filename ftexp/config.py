@@ -188,6 +188,24 @@ class EvalConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """LLM-as-judge (ftexp/judge.py): each criterion rated 1-5 against the source."""
+
+    name: str = "none"  # none | hf
+    model: Optional[str] = None  # hf: a model preset name (conf/model) or a local model folder
+    criteria: dict = field(default_factory=dict)  # name -> prompt with {source} and {summary}
+    source_field: str = "dialogue"  # the record field the summary is judged against
+    references: bool = False  # also judge the reference summaries (judge/reference_<criterion>)
+    # also judge each reference against a different source (a seeded derangement): the gap
+    # between true and mismatched pairs shows whether the judge can tell them apart
+    control: bool = False
+    max_examples: Optional[int] = None  # judge the first k examples only
+    batch_size: int = 8
+    max_source_chars: int = 6000  # a longer source is cut (its start kept) to bound the prompt
+    seed: int = 0  # the control derangement and the bootstrap
+
+
+@dataclass
 class LoggerConfig:
     name: str = "none"  # none | wandb
     project: str = "ftexp"
@@ -208,6 +226,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     objective: str = "eval/accuracy"
     output_dir: Optional[str] = None  # null = Hydra's run directory
     run_name: Optional[str] = None
@@ -284,6 +303,27 @@ def check_train_n_positive(cfg: DictConfig) -> None:
         raise ConfigError(f"train.n={cfg.train.n}: need at least 1 row, or train.n=null for the whole split.")
     if cfg.eval.n is not None and cfg.eval.n < 1:
         raise ConfigError(f"eval.n={cfg.eval.n}: need at least 1 row, or eval.n=null for the whole split.")
+
+
+def check_judge(cfg: DictConfig) -> None:
+    j = cfg.judge
+    if j.name not in ("none", "hf"):
+        raise ConfigError(f"judge={j.name}; valid: none, hf")
+    if j.name == "none":
+        return
+    if cfg.task.kind != "summarization":
+        raise ConfigError(f"judge={j.name} rates summaries, and this run's task is {cfg.task.kind}. "
+                          "Use task=summarization, or judge=none.")
+    if not j.model:
+        raise ConfigError("judge.model is not set: name a model preset (e.g. judge.model=smollm2_135m_gguf) "
+                          "or a local model folder.")
+    if not j.criteria:
+        raise ConfigError("judge.criteria is empty: give at least one criterion prompt with {source} and {summary}.")
+    for name, prompt in j.criteria.items():
+        if "{source}" not in str(prompt) or "{summary}" not in str(prompt):
+            raise ConfigError(f"judge.criteria.{name}: the prompt needs both {{source}} and {{summary}}.")
+    if j.max_examples is not None and j.max_examples < 1:
+        raise ConfigError(f"judge.max_examples={j.max_examples}: at least 1, or null for every example.")
 
 
 def check_checkpoint_settings(cfg: DictConfig) -> None:
@@ -401,6 +441,7 @@ RULES = (
     check_stop_condition,
     check_ranges,
     check_checkpoint_settings,
+    check_judge,
     check_task_kind,
     check_classification_labels,
     check_precision,

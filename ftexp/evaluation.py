@@ -401,8 +401,14 @@ def check_objective(cfg, task, eval_rows) -> None:
     """Refuse an eval/ objective this run will not produce, before any training."""
     objective = str(cfg.objective)
     if objective.startswith("judge/"):
-        raise ConfigError(f"objective={objective}: this run has no LLM judge, so it writes no judge/ metrics. "
-                          f"Use one of the eval/ metrics, e.g. {task.objective_default}.")
+        if cfg.judge.name == "none":
+            raise ConfigError(f"objective={objective}: this run has no LLM judge (judge=none), so it writes no judge/ "
+                              f"metrics. Add judge=hf, or use one of the eval/ metrics, e.g. {task.objective_default}.")
+        criterion = objective.split("/", 1)[1].removeprefix("reference_").removesuffix("_argmax")
+        if criterion not in cfg.judge.criteria:
+            raise ConfigError(f"objective={objective}: the judge rates {', '.join(cfg.judge.criteria)}; "
+                              f"e.g. objective=judge/{next(iter(cfg.judge.criteria))}.")
+        return
     if not objective.startswith("eval/") or not cfg.eval.enabled or len(eval_rows) == 0:
         return
     numeric = sorted(n for n in metric_names(cfg, task, dict(eval_rows[0]))

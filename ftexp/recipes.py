@@ -7,6 +7,7 @@ is what ``evaluate.py`` runs. Both return the flat metrics dict written to
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -17,7 +18,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftexp import data as data_mod
-from ftexp import distributed, evaluation, gguf, memory, modeling, records, training
+from ftexp import distributed, evaluation, gguf, judge, memory, modeling, records, training
 from ftexp.config import ConfigError, validate
 from ftexp.tasks import build_task
 
@@ -104,6 +105,15 @@ def result_row(metrics: dict, objective: str) -> str:
             parts.append(f"{key.split('/')[1]} {metrics[key]:.4f}")
     if objective in metrics and not any(objective.split("/")[-1].lower() in p.lower() for p in parts):
         parts.append(f"{objective} {metrics[objective]}")
+    if "judge/n" in metrics:
+        crit = [k.split("/")[1] for k in metrics if k.startswith("judge/") and k.split("/")[1] not in judge.BOOKKEEPING
+                and not k.split("/")[1].startswith(("reference_", "control_")) and not k.endswith(("_argmax", "_lo", "_hi"))]
+        parts.append("judge " + " ".join(f"{c} {metrics[f'judge/{c}']:.2f}" for c in crit))
+        if "judge/control_gap_consistency" in metrics:
+            lo, hi = metrics["judge/control_gap_consistency_lo"], metrics["judge/control_gap_consistency_hi"]
+            flag = "" if lo > 0 else " JUDGE CANNOT TELL A TRUE SUMMARY FROM A WRONG ONE"
+            parts.append(f"consistency gap {metrics['judge/control_gap_consistency']:+.2f} [{lo:+.2f}, {hi:+.2f}]{flag}")
+        parts.append(f"judge calls {metrics['judge/requests']} (cache {metrics['judge/cache_hits']})")
     if "train/loss_first" in metrics:
         parts.append(f"loss {metrics['train/loss_first']:.3f}->{metrics['train/loss_last']:.3f}")
     if "eval/irregular" in metrics:
@@ -203,6 +213,8 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
                           run_dir / "train_metrics.json", again)
                 raise
             metrics.update(eval_metrics)
+            if cfg.judge.name != "none":
+                metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, device))
             records.write_predictions(rows, run_dir)
             tracker.table("predictions", rows[: cfg.logger.log_predictions])
 
@@ -221,10 +233,10 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
 # What `evaluate.py run=<dir>` takes from the command line on top of the run's own
 # config.yaml: evaluation settings only. Everything that shaped the trained model
 # (model, data, task prompt, train, lora, quant) comes from the run.
-EVAL_OVERRIDABLE = ("eval", "task.generation", "data.path", "objective")
+EVAL_OVERRIDABLE = ("eval", "task.generation", "data.path", "objective", "judge")
 # Settings of this invocation, never the trained run's: where results go, the
 # device, the tracker.
-EVAL_INVOCATION = ("output_dir", "run_name", "device", "logger", "run", "hydra")
+EVAL_INVOCATION = ("output_dir", "run_name", "device", "logger", "run", "hydra", "cache_dir")
 
 
 def _under(key: str, roots) -> bool:
@@ -277,7 +289,7 @@ def eval_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConf
         for key in keys:
             if _under(key, EVAL_OVERRIDABLE):
                 OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
-        for key in ("output_dir", "run_name", "device"):
+        for key in ("output_dir", "run_name", "device", "cache_dir"):
             out[key] = cfg.get(key)
         out.logger = cfg.logger
         out.run = str(trained)
@@ -325,6 +337,22 @@ def evaluate_only(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         return _evaluate_only(cfg, out_dir, trained)
 
 
+def _judge_saved_predictions(cfg: DictConfig, trained: Path, out_dir: Path, eval_rows, device: str, tracker) -> dict:
+    """``evaluate.py run=<dir> judge=...``: rate the run's own predictions, without generating them again."""
+    rows = [json.loads(line) for line in (trained / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    task = build_task(cfg.task)
+    evaluation.check_objective(cfg, task, eval_rows)
+    saved = records.read_metrics(trained) or {}
+    metrics = {k: v for k, v in saved.items() if k.startswith("eval/")}  # the run's own scores, for the row
+    metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, device))
+    records.write_predictions(rows, out_dir)
+    tracker.table("predictions", rows[: cfg.logger.log_predictions])
+    records.write_metrics(metrics, out_dir)
+    tracker.summary(metrics)
+    print(f"[ftexp] {out_dir.name} (judged predictions of {trained}): {result_row(metrics, cfg.objective)}", flush=True)
+    return metrics
+
+
 def _evaluate_only(cfg: DictConfig, out_dir: Path, trained: Path | None) -> dict:
     seed_everything(cfg.train.seed)
     device = modeling.pick_device(cfg.device)
@@ -334,6 +362,10 @@ def _evaluate_only(cfg: DictConfig, out_dir: Path, trained: Path | None) -> dict
     try:
         # setup: data, model + tokenizer (trained run or base), task
         pool, _, eval_rows = load_data(cfg)
+        if trained is not None and cfg.judge.name != "none" and (trained / "predictions.jsonl").exists():
+            metrics = _judge_saved_predictions(cfg, trained, out_dir, eval_rows, device, tracker)
+            failed = False
+            return metrics
         if trained is not None:
             model, tokenizer = load_trained(cfg, trained, device)
         else:
@@ -346,6 +378,8 @@ def _evaluate_only(cfg: DictConfig, out_dir: Path, trained: Path | None) -> dict
 
         # evaluate
         metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
+        if cfg.judge.name != "none":
+            metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, device))
 
         # record
         records.write_predictions(rows, out_dir)

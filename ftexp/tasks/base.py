@@ -7,6 +7,7 @@ and ``score`` (predictions -> flat metrics + one row per example).
 
 from __future__ import annotations
 
+import functools
 import string
 from typing import Any, Sequence
 
@@ -33,6 +34,24 @@ def join_answer(prompt: str, answer: str) -> str:
     return answer.lstrip() if prompt[-1:].isspace() else answer
 
 
+@functools.lru_cache(maxsize=16)
+def adds_bos(tokenizer) -> bool:
+    """Whether encoding a text puts BOS in front of it. SmolLM2's GGUF tokenizer names
+    <|im_start|> its BOS but never adds it: a chat template's own must then stay."""
+    ids = tokenizer("x")["input_ids"]
+    return len(ids) > len(tokenizer("x", add_special_tokens=False)["input_ids"]) and ids[0] == tokenizer.bos_token_id
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """``messages`` through the tokenizer's chat template, up to the assistant's turn; a BOS
+    the template writes is dropped when encoding adds it again."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and adds_bos(tokenizer):
+        text = text[len(bos):]
+    return text
+
+
 class Task:
     kind = "base"
     objective_default = "eval/accuracy"
@@ -42,16 +61,6 @@ class Task:
         self.tokenizer = tokenizer
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.use_chat_template = has_template if use_chat_template is None else (use_chat_template and has_template)
-
-    def _adds_bos(self) -> bool:
-        """Whether encoding a text puts BOS in front of it. SmolLM2's GGUF tokenizer
-        names <|im_start|> its BOS but never adds it: the template's own must stay."""
-        if not hasattr(self, "_bos_added"):
-            tok = self.tokenizer
-            ids = tok("x")["input_ids"]
-            self._bos_added = len(ids) > len(tok("x", add_special_tokens=False)["input_ids"]) and \
-                ids[0] == tok.bos_token_id
-        return self._bos_added
 
     # -- pieces a kind defines ------------------------------------------------
     def target_text(self, record: dict) -> str:
@@ -84,11 +93,7 @@ class Task:
         system = self.cfg.system_prompt
         if self.use_chat_template:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            bos = self.tokenizer.bos_token
-            if bos and text.startswith(bos) and self._adds_bos():  # encoding adds it again
-                text = text[len(bos):]
-            return text
+            return chat_prompt(self.tokenizer, messages)
         if system and self.cfg.prompt_layout_system:
             return fill(self.cfg.prompt_layout_system, {"system": system, "user": user}, "task.prompt_layout_system")
         return fill(self.cfg.prompt_layout, {"user": user, "system": system or ""}, "task.prompt_layout")
