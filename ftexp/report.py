@@ -298,6 +298,13 @@ def metric_columns(cells: list[Cell], objective: str | None) -> list[tuple[str, 
     cols: list[tuple[str, str]] = []
     for kind in kinds:
         cols.extend(c for c in METRICS_BY_KIND.get(kind, []) if c not in cols)
+    # LLM-judge scores, when the runs have them: one column per criterion, as the runs name them
+    from ftexp.judge import BOOKKEEPING
+
+    for key in sorted(k for k in present if k.startswith("judge/")):
+        name = key.split("/", 1)[1]
+        if name not in BOOKKEEPING and not name.startswith("control_") and not name.endswith(("_argmax", "_lo", "_hi")):
+            cols.append((f"Judge {name.replace('reference_', 'reference ')}", key))
     if objective and objective not in [k for _, k in cols]:
         cols.append((objective, objective))
     return cols
