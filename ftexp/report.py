@@ -131,7 +131,10 @@ def fill_partial_configs(runs: list[Run]) -> None:
     common = {k: v for k, v in full[0].items() if all(c.get(k, object()) == v for c in full[1:])}
     for run in runs:
         if run.partial:
-            run.config = {**common, **run.config}
+            # a swept config group (model=a,b) is stored by its name: drop the composed run's keys under it
+            groups = [k for k in run.config if "." not in k]
+            kept = {k: v for k, v in common.items() if not any(k.startswith(g + ".") for g in groups)}
+            run.config = {**kept, **run.config}
 
 
 def swept_axes(runs: list[Run]) -> list[str]:

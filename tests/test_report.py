@@ -9,6 +9,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -171,3 +172,15 @@ def test_the_report_reads_a_run_that_failed_before_writing_its_config(tmp_path):
     (sweep / "1_bad" / "failed.json").write_text(json.dumps({"status": "failed", "error": "ConfigError: train.n=0"}))
     text = report.write_report(sweep)[0].read_text()
     assert "failed: ConfigError: train.n=0" in text
+
+
+def test_a_trial_that_never_composed_takes_the_sweeps_shared_settings_but_not_its_swept_group():
+    from ftexp.report import Run, fill_partial_configs
+
+    full = Run(path=Path("a"), config={"model.name": "tiny", "train.n": 16, "quant.name": "none"}, metrics={},
+               failure=None)
+    swept_value = Run(path=Path("b"), config={"train.n": "abc"}, metrics=None, failure={"error": "x"}, partial=True)
+    swept_group = Run(path=Path("c"), config={"model": "tiny_falcon"}, metrics=None, failure={"error": "x"}, partial=True)
+    fill_partial_configs([full, swept_value, swept_group])
+    assert swept_value.config == {"model.name": "tiny", "train.n": "abc", "quant.name": "none"}
+    assert swept_group.config == {"train.n": 16, "quant.name": "none", "model": "tiny_falcon"}
