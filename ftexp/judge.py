@@ -125,7 +125,7 @@ class Judge:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @torch.no_grad()
-    def rate(self, criterion_prompt: str, pairs: Sequence[tuple[str, str]]) -> list[dict]:
+    def rate(self, criterion_prompt: str, pairs: Sequence[tuple[str, str]], label: str = "") -> list[dict]:
         keys = [self._key(criterion_prompt, s, y) for s, y in pairs]
         found = {k: v for k in set(keys) if (v := self.cache.get(k)) is not None}
         todo = [i for i, k in enumerate(keys) if k not in found]
@@ -133,9 +133,16 @@ class Judge:
         self.cache_hits += len(keys) - len(todo)
         if todo:
             prompts = [self.prompt(criterion_prompt, *pairs[i]) for i in todo]
-            logp = evaluation.label_logprobs(self.model, self.tokenizer, prompts, list(RATINGS),
-                                             batch_size=self.cfg.batch_size, join=lambda p, o: o)
-            self.requests += len(todo)
+            step = 4 * max(1, self.cfg.batch_size)
+            parts = []
+            for start in range(0, len(prompts), step):  # in chunks, so progress can be told
+                parts.append(evaluation.label_logprobs(self.model, self.tokenizer, prompts[start:start + step],
+                                                       list(RATINGS), batch_size=self.cfg.batch_size,
+                                                       join=lambda p, o: o))
+                self.requests += len(parts[-1])
+                log.info("judge %s: %d/%d rated; %d model calls so far, %d answers from the cache", label,
+                         min(start + step, len(prompts)), len(prompts), self.requests, self.cache_hits)
+            logp = torch.cat(parts)
             weights = torch.softmax(logp, dim=-1)  # renormalised over the five ratings
             values = torch.arange(1, len(RATINGS) + 1, dtype=weights.dtype)
             fresh = {}
@@ -195,7 +202,7 @@ def judge_predictions(cfg, task, records: Sequence[dict], rows: list[dict], devi
         raise ConfigError("judge.control needs at least 2 examples to pair each reference with another source.")
     masses = []
     for c, criterion_prompt in j.criteria.items():
-        got = judge.rate(str(criterion_prompt), list(zip(sources, predictions)))
+        got = judge.rate(str(criterion_prompt), list(zip(sources, predictions)), f"{c} (predictions)")
         metrics[f"judge/{c}"] = float(np.mean([g["score"] for g in got]))
         metrics[f"judge/{c}_argmax"] = float(np.mean([g["argmax"] for g in got]))
         masses += [g["mass"] for g in got]
@@ -203,14 +210,15 @@ def judge_predictions(cfg, task, records: Sequence[dict], rows: list[dict], devi
             rows[i].setdefault("judge", {})[c] = round(g["score"], 4)
             rows[i].setdefault("judge_argmax", {})[c] = g["argmax"]
         if refs:
-            true = judge.rate(str(criterion_prompt), list(zip(sources, refs)))
+            true = judge.rate(str(criterion_prompt), list(zip(sources, refs)), f"{c} (references)")
             if j.references:
                 metrics[f"judge/reference_{c}"] = float(np.mean([g["score"] for g in true]))
                 metrics[f"judge/reference_{c}_argmax"] = float(np.mean([g["argmax"] for g in true]))
                 for i, g in enumerate(true):
                     rows[i].setdefault("judge_reference", {})[c] = round(g["score"], 4)
             if j.control:
-                wrong = judge.rate(str(criterion_prompt), [(sources[perm[i]], refs[i]) for i in range(n)])
+                wrong = judge.rate(str(criterion_prompt), [(sources[perm[i]], refs[i]) for i in range(n)],
+                                   f"{c} (control pairs)")
                 gaps = [t["score"] - w["score"] for t, w in zip(true, wrong)]
                 lo, hi = bootstrap_interval(gaps, j.seed)
                 metrics[f"judge/control_gap_{c}"] = float(np.mean(gaps))
