@@ -94,24 +94,28 @@ def _accepts_logits_to_keep(model) -> bool:
         return False
 
 
-def option_token_ids(tokenizer, options: Sequence[str], seq2seq: bool = False, after: str | None = None,
-                     after_ids: list[int] | None = None) -> list[list[int]]:
-    """Token ids each option adds after a prompt.
+def answer_split(tokenizer, prompt: str, answers: Sequence[str],
+                 prompt_ids: list[int] | None = None) -> tuple[list[int], list[list[int]]]:
+    """(context ids, each answer's ids): ``prompt + answer`` encoded whole, cut where the
+    prompt's own ids stop matching. Those are exactly the tokens the model writes after
+    the prompt; a prompt ending in a space that merges into the answer's first token
+    leaves a context one token shorter than the prompt (as training sees that text)."""
+    head = prompt_ids if prompt_ids is not None else tokenizer(prompt)["input_ids"]
+    wholes = [tokenizer(prompt + a)["input_ids"] for a in answers]
+    cut = min(_common_prefix(head, w) for w in wholes)
+    if any(len(w) <= cut for w in wholes):
+        raise ConfigError(f"task.labels: an answer encodes to no tokens after the prompt; answers: {list(answers)}")
+    return head[:cut], [w[cut:] for w in wholes]
 
-    With ``after`` (a prompt), the option's ids are those of ``after + option`` past
-    the prompt's own ids (``after_ids``, encoded with special tokens), exactly the
-    tokens the model would have to write there. Without it the option is encoded
-    after a stand-in character, so a leading space is tokenized as it is in
-    prompt+answer.
-    """
+
+def option_token_ids(tokenizer, options: Sequence[str], seq2seq: bool = False) -> list[list[int]]:
+    """Token ids of each option on its own (for encoder-decoder labels), or after a stand-in
+    character so a leading space is tokenized as in prompt+answer (``answer_split`` encodes
+    options after the real prompt)."""
     ids = []
     for opt in options:
         if seq2seq:
             tok = tokenizer(text_target=opt.strip(), add_special_tokens=False)["input_ids"]
-        elif after is not None:
-            head = after_ids if after_ids is not None else tokenizer(after)["input_ids"]
-            whole = tokenizer(after + opt)["input_ids"]
-            tok = whole[_common_prefix(head, whole):]
         else:
             stub = len(tokenizer("x", add_special_tokens=False)["input_ids"])
             tok = tokenizer("x" + opt, add_special_tokens=False)["input_ids"][stub:]
@@ -155,15 +159,8 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[s
     else:
         groups: dict = {}
         for i, (p, ids) in enumerate(zip(prompts, prompt_ids)):
-            wholes = [tokenizer(p + join(p, o))["input_ids"] for o in options]
-            # where the prompt's own ids stop: a prompt ending in a space may merge that space into
-            # the answer's first token; the answer is then scored after the shorter context
-            cut = min(_common_prefix(ids, w) for w in wholes)
-            if any(len(w) <= cut for w in wholes):
-                raise ConfigError(f"task.labels: an option encodes to no tokens after the prompt; options: {options}")
-            prompt_ids[i] = ids[:cut]
-            key = tuple(tuple(w[cut:]) for w in wholes)
-            groups.setdefault(key, []).append(i)
+            prompt_ids[i], answer_ids = answer_split(tokenizer, p, [join(p, o) for o in options], ids)
+            groups.setdefault(tuple(map(tuple, answer_ids)), []).append(i)
     if max_length:
         prompt_ids = [ids[-max_length:] for ids in prompt_ids]
     for key, members in groups.items():

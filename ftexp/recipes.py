@@ -127,6 +127,17 @@ def result_row(metrics: dict, objective: str) -> str:
 # ----------------------------------------------------------------------------- recipes
 
 
+def record(cfg: DictConfig, out_dir: Path, tracker, metrics: dict, rows: list[dict] | None, source: str = "") -> None:
+    """Write predictions and metrics (metrics.json last: it marks the folder finished), log them
+    to the tracker, and print the result row."""
+    if rows is not None:
+        records.write_predictions(rows, out_dir)
+        tracker.table("predictions", rows[: cfg.logger.log_predictions])
+    records.write_metrics(metrics, out_dir)
+    tracker.summary(metrics)
+    print(f"[ftexp] {out_dir.name}{f' ({source})' if source else ''}: {result_row(metrics, cfg.objective)}", flush=True)
+
+
 def finetune(cfg: DictConfig) -> dict:
     validate(cfg)
     run_dir = resolve_run_dir(cfg)
@@ -203,6 +214,7 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
             model, tokenizer = load_trained(cfg, run_dir, device)
 
         # evaluate
+        rows = None
         if cfg.eval.enabled:
             try:
                 eval_metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
@@ -215,13 +227,9 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
             metrics.update(eval_metrics)
             if cfg.judge.name != "none":
                 metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, device))
-            records.write_predictions(rows, run_dir)
-            tracker.table("predictions", rows[: cfg.logger.log_predictions])
 
         # record
-        records.write_metrics(metrics, run_dir)
-        tracker.summary(metrics)
-        print(f"[ftexp] {run_dir.name}: {result_row(metrics, cfg.objective)}", flush=True)
+        record(cfg, run_dir, tracker, metrics, rows)
         failed = False
         return metrics
     finally:
@@ -345,11 +353,7 @@ def _judge_saved_predictions(cfg: DictConfig, trained: Path, out_dir: Path, eval
     saved = records.read_metrics(trained) or {}
     metrics = {k: v for k, v in saved.items() if k.startswith("eval/")}  # the run's own scores, for the row
     metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, device))
-    records.write_predictions(rows, out_dir)
-    tracker.table("predictions", rows[: cfg.logger.log_predictions])
-    records.write_metrics(metrics, out_dir)
-    tracker.summary(metrics)
-    print(f"[ftexp] {out_dir.name} (judged predictions of {trained}): {result_row(metrics, cfg.objective)}", flush=True)
+    record(cfg, out_dir, tracker, metrics, rows, f"judged predictions of {trained}")
     return metrics
 
 
@@ -382,12 +386,8 @@ def _evaluate_only(cfg: DictConfig, out_dir: Path, trained: Path | None) -> dict
             metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, device))
 
         # record
-        records.write_predictions(rows, out_dir)
-        tracker.table("predictions", rows[: cfg.logger.log_predictions])
-        records.write_metrics(metrics, out_dir)
-        tracker.summary(metrics)
         source = f"run {trained}" if trained is not None else f"base {cfg.model.name}, {cfg.eval.shots}-shot"
-        print(f"[ftexp] {out_dir.name} ({source}): {result_row(metrics, cfg.objective)}", flush=True)
+        record(cfg, out_dir, tracker, metrics, rows, source)
         failed = False
         return metrics
     finally:

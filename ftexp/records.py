@@ -132,20 +132,22 @@ def reusable_metrics(run_dir: Path, cfg: DictConfig) -> dict | None:
     return metrics
 
 
-def _flat(obj, prefix: str = "") -> dict:
-    if isinstance(obj, dict):
+def flatten(node, prefix: str = "") -> dict:
+    """A nested dict as dotted keys: {"train": {"n": 100}} -> {"train.n": 100}."""
+    if isinstance(node, dict):
         out = {}
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}{k}."))
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
-    return {prefix[:-1]: obj}
+    return {prefix: node}
 
 
-def config_differences(saved: dict, config: dict) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (logging keys aside)."""
-    a = _flat({k: v for k, v in saved.items() if k not in NON_EXPERIMENT_KEYS})
-    b = _flat({k: v for k, v in config.items() if k not in NON_EXPERIMENT_KEYS})
-    return sorted(k for k in a.keys() | b.keys() if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str))
+def config_differences(saved: dict, config: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, new value) where two resolved configs differ (logging keys aside)."""
+    a = flatten({k: v for k, v in saved.items() if k not in NON_EXPERIMENT_KEYS})
+    b = flatten({k: v for k, v in config.items() if k not in NON_EXPERIMENT_KEYS})
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str)]
 
 
 def check_same_experiment(run_dir: Path, cfg: DictConfig) -> None:
@@ -165,8 +167,7 @@ def check_same_experiment(run_dir: Path, cfg: DictConfig) -> None:
                           "Give this run another output_dir, or delete that folder to replace it.") from err
     differ = config_differences(old, config_dict(cfg))
     if differ:
-        shown = ", ".join(f"{k} ({_short(_get(old, k))} there, {_short(OmegaConf.select(cfg, k))} now)"
-                          for k in differ[:6])
+        shown = ", ".join(f"{k} ({_short(there)} there, {_short(now)} now)" for k, there, now in differ[:6])
         more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
         raise ConfigError(
             f"output_dir={run_dir} holds a run made from another config: {shown}{more}. Its files are kept. "
@@ -174,16 +175,8 @@ def check_same_experiment(run_dir: Path, cfg: DictConfig) -> None:
         )
 
 
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
 def _short(v) -> str:
-    text = json.dumps(OmegaConf.to_container(v) if isinstance(v, DictConfig) else v, default=str)
+    text = json.dumps(v, default=str)
     return text if len(text) <= 40 else text[:37] + "..."
 
 

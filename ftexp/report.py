@@ -72,15 +72,6 @@ class Run:
         return "failed" if self.failure is not None else "incomplete"
 
 
-def flatten(node: Any, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: node}
-
-
 def load_run(path: Path) -> Run:
     config = {}
     for name in ("config.yaml", ".hydra/config.yaml"):  # the second is unresolved: resolve if it can be
@@ -88,7 +79,7 @@ def load_run(path: Path) -> Run:
             loaded = OmegaConf.load(path / name)
             for resolve in (True, False):
                 try:
-                    config = flatten(records.scrub(OmegaConf.to_container(loaded, resolve=resolve)))
+                    config = records.flatten(records.scrub(OmegaConf.to_container(loaded, resolve=resolve)))
                     break
                 except Exception:
                     continue

@@ -173,9 +173,10 @@ def test_options_after_a_prompt_are_the_tokens_past_the_prompt(trained):
     _, _, tok, task, records = trained
     prompt = task.prompt(records[0])
     for opt in (" positive", "positive", "\nnegative"):
-        ids = evaluation.option_token_ids(tok, [opt], after=prompt)[0]
+        context, (ids,) = evaluation.answer_split(tok, prompt, [opt])
         whole = tok(prompt + opt)["input_ids"]
         assert whole[len(whole) - len(ids):] == ids and whole[: len(whole) - len(ids)] == tok(prompt)["input_ids"]
+        assert context == tok(prompt)["input_ids"]
 
 
 def test_an_answer_that_merges_with_the_prompts_last_space_is_scored_as_written(trained):

@@ -88,7 +88,8 @@ def test_the_trained_and_scored_answer_is_the_token_the_model_writes(real):
     row = tokenize_prompt_completion(tok, [pair["prompt"]], [pair["completion"]])
     trained = [t for t, m in zip(row["input_ids"][0], row["completion_mask"][0]) if m]
     assert trained == tok("negative", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    options = evaluation.option_token_ids(tok, ["negative", "positive"], after=pair["prompt"])
+    context, options = evaluation.answer_split(tok, pair["prompt"], ["negative", "positive"])
+    assert context == tok(pair["prompt"])["input_ids"]
     assert all(len(ids) == 1 for ids in options) and tok.decode(options[0]) == "negative"
     model = modeling.load_model(str(real["folder"]), cfg.model, cfg.quant, "cpu")
     with torch.no_grad():
