@@ -8,6 +8,7 @@ that span groups (quantization needs adapters, a run needs a stop condition,
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -191,8 +192,9 @@ class EvalConfig:
 class JudgeConfig:
     """LLM-as-judge (ftexp/judge.py): each criterion rated 1-5 against the source."""
 
-    name: str = "none"  # none | hf
-    model: Optional[str] = None  # hf: a model preset name (conf/model) or a local model folder
+    name: str = "none"  # none | hf | openai
+    # hf: a model preset name (conf/model) or a local model folder; openai: the server's model name
+    model: Optional[str] = None
     criteria: dict = field(default_factory=dict)  # name -> prompt with {source} and {summary}
     source_field: str = "dialogue"  # the record field the summary is judged against
     references: bool = False  # also judge the reference summaries (judge/reference_<criterion>)
@@ -203,6 +205,16 @@ class JudgeConfig:
     batch_size: int = 8
     max_source_chars: int = 6000  # a longer source is cut (its start kept) to bound the prompt
     seed: int = 0  # the control derangement and the bootstrap
+    # openai: an OpenAI-compatible chat-completions server
+    base_url: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, Ollama, transformers serve)
+    api_key_env: Optional[str] = "OPENAI_API_KEY"  # the NAME of the variable that holds the key
+    concurrency: int = 4  # requests in flight at once
+    timeout_s: float = 60.0  # per request
+    max_retries: int = 5  # on 429, 5xx and dropped connections, with exponential backoff
+    backoff_s: float = 1.0  # the first wait; doubled each try; Retry-After wins when the server sends it
+    max_tokens: int = 8  # reply length: the rating comes first
+    logprobs: bool = True  # ask for top_logprobs and score their expectation (servers may ignore it)
+    top_logprobs: int = 5
 
 
 @dataclass
@@ -307,16 +319,31 @@ def check_train_n_positive(cfg: DictConfig) -> None:
 
 def check_judge(cfg: DictConfig) -> None:
     j = cfg.judge
-    if j.name not in ("none", "hf"):
-        raise ConfigError(f"judge={j.name}; valid: none, hf")
+    if j.name not in ("none", "hf", "openai"):
+        raise ConfigError(f"judge={j.name}; valid: none, hf, openai")
     if j.name == "none":
         return
     if cfg.task.kind != "summarization":
         raise ConfigError(f"judge={j.name} rates summaries, and this run's task is {cfg.task.kind}. "
                           "Use task=summarization, or judge=none.")
+    if j.name == "openai":
+        if not j.base_url or not str(j.base_url).startswith(("http://", "https://")):
+            raise ConfigError(f"judge.base_url={j.base_url}: the judge=openai server's API root, e.g. "
+                              "judge.base_url=http://127.0.0.1:8000/v1 or https://api.openai.com/v1.")
+        if "api.openai.com" in str(j.base_url) and not os.environ.get(str(j.api_key_env or "")):
+            raise ConfigError(f"judge.base_url={j.base_url} needs an API key: export {j.api_key_env}=<key> "
+                              "(judge.api_key_env names the variable; the key itself never goes in a config).")
     if not j.model:
-        raise ConfigError("judge.model is not set: name a model preset (e.g. judge.model=smollm2_135m_gguf) "
-                          "or a local model folder.")
+        what = ("the model name the server knows, e.g. judge.model=gpt-4o-mini" if j.name == "openai"
+                else "a model preset (e.g. judge.model=smollm2_135m_gguf) or a local model folder")
+        raise ConfigError(f"judge.model is not set: give {what}.")
+    if j.name == "openai":
+        for key, low in (("concurrency", 1), ("max_retries", 0), ("max_tokens", 1), ("top_logprobs", 1)):
+            if j[key] < low:
+                raise ConfigError(f"judge.{key}={j[key]}: at least {low}.")
+        if j.timeout_s <= 0 or j.backoff_s < 0:
+            raise ConfigError(f"judge.timeout_s={j.timeout_s} / judge.backoff_s={j.backoff_s}: "
+                              "a positive timeout and a backoff of 0 or more.")
     if not j.criteria:
         raise ConfigError("judge.criteria is empty: give at least one criterion prompt with {source} and {summary}.")
     for name, prompt in j.criteria.items():

@@ -13,21 +13,44 @@ seeded derangement): a judge that cannot tell a true pair from a mismatched one
 has a gap near 0, and is flagged. Scores are cached in ``<cache_dir>/judge/``, keyed
 by the judge model, the criterion's prompt and the pair, so an identical rerun
 makes no model calls.
+
+Two backends share that cache and the metrics:
+
+- ``judge=hf``: a local causal LM (``judge.model``: a preset or a folder, loaded by
+  the training code, so quantization and GGUF work); the ratings' probabilities
+  are read exactly from one forward pass.
+- ``judge=openai``: any OpenAI-compatible chat-completions server (``judge.base_url``
+  and ``judge.model``: vLLM, llama.cpp, Ollama, ``transformers serve``, the hosted
+  API). With ``logprobs`` the score is the expectation over the ratings found in
+  ``top_logprobs`` at the rating token; a server that returns none has its reply
+  parsed: the first integer, if it is 1-5. Anything else counts as unparsed and is
+  never guessed. Requests run ``judge.concurrency`` at a time, with a timeout, and
+  429 / 5xx answers and dropped connections are retried with exponential backoff,
+  honouring ``Retry-After``. The API key is read from the environment variable named
+  by ``judge.api_key_env`` and is never written anywhere.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import logging
 import os
+import random
+import re
 import sqlite3
 import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+import httpx
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ftexp import evaluation, gguf, modeling
 from ftexp.config import ConfigError
@@ -37,7 +60,7 @@ log = logging.getLogger(__name__)
 
 RATINGS = ("1", "2", "3", "4", "5")
 # judge/* keys that are not a criterion's score
-BOOKKEEPING = ("n", "unparsed", "requests", "cache_hits", "rating_mass", "control_ok")
+BOOKKEEPING = ("n", "unparsed", "failed", "requests", "cache_hits", "rating_mass", "control_ok")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -97,11 +120,64 @@ class ScoreCache:
                                     [(k, json.dumps(v)) for k, v in items.items()])
 
 
+class JudgeError(RuntimeError):
+    """The judge could not run: a server that refuses or never answers, a bad key, an unknown model."""
+
+
 class Judge:
-    """A local judge model and its cache. ``rate(criterion, prompt, pairs)`` -> one result per pair."""
+    """A judge model and its score cache. ``rate(criterion, prompt, pairs)`` -> one result per pair.
+
+    A result is a dict with ``score`` (the expected rating, or None when the reply held
+    no rating), ``argmax`` and, per backend, ``probs``, ``mass`` and the raw ``reply``.
+    Subclasses implement ``score(texts)``: a result per filled-in prompt, or None for a
+    request that failed for good (not cached, so a rerun asks again).
+    """
+
+    model_id: str  # what the cache keys on besides the prompt and the pair
+    parallel: int  # prompts rated per step (batch or concurrent requests)
+
+    def __init__(self, jcfg, cache_dir: str | None):
+        self.cfg = jcfg
+        self.cache = ScoreCache(cache_dir)
+        self.requests = 0  # model calls actually made (forward passes of one prompt, or HTTP requests)
+        self.cache_hits = 0
+        self.failed = 0
+
+    def fill(self, criterion_prompt: str, source: str, summary: str) -> str:
+        return criterion_prompt.replace("{source}", source[: self.cfg.max_source_chars]).replace("{summary}", summary)
+
+    def score(self, texts: list[str]) -> list[dict | None]:
+        raise NotImplementedError
+
+    def _key(self, criterion_prompt: str, source: str, summary: str) -> str:
+        blob = json.dumps([self.model_id, criterion_prompt, source[: self.cfg.max_source_chars], summary])
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def rate(self, criterion_prompt: str, pairs: Sequence[tuple[str, str]], label: str = "") -> list[dict | None]:
+        keys = [self._key(criterion_prompt, s, y) for s, y in pairs]
+        found = {k: v for k in set(keys) if (v := self.cache.get(k)) is not None}
+        todo = [i for i, k in enumerate(keys) if k not in found]
+        todo = list({keys[i]: i for i in todo}.values())  # a pair asked twice is scored once
+        self.cache_hits += len(keys) - len(todo)
+        step = 4 * max(1, self.parallel)
+        with tqdm(total=len(todo), desc=f"judge {label}", unit="rating", disable=None, leave=False) as bar:
+            for start in range(0, len(todo), step):  # in chunks: cached as they come, progress told
+                chunk = todo[start:start + step]
+                got = self.score([self.fill(criterion_prompt, *pairs[i]) for i in chunk])
+                self.cache.put({keys[i]: g for i, g in zip(chunk, got) if g is not None})
+                found.update({keys[i]: g for i, g in zip(chunk, got) if g is not None})
+                bar.update(len(chunk))
+                bar.set_postfix(requests=self.requests, cached=self.cache_hits, failed=self.failed)
+                log.info("judge %s: %d/%d rated; %d model calls so far, %d answers from the cache, %d failed",
+                         label, min(start + step, len(todo)), len(todo), self.requests, self.cache_hits, self.failed)
+        return [found.get(k) for k in keys]
+
+
+class LocalJudge(Judge):
+    """``judge=hf``: the ratings' probabilities read from a local model's next-token distribution."""
 
     def __init__(self, jcfg, cache_dir: str | None, device: str):
-        self.cfg = jcfg
+        super().__init__(jcfg, cache_dir)
         mcfg, qcfg = judge_model_config(str(jcfg.model))
         path = mcfg.name_or_path
         if gguf.is_gguf(mcfg):
@@ -110,50 +186,150 @@ class Judge:
         self.tokenizer = modeling.load_tokenizer(path, mcfg)
         self.model = modeling.load_model(path, mcfg, qcfg, device)
         self.model_id = json.dumps([mcfg.name_or_path, mcfg.get("gguf_file"), mcfg.revision, mcfg.dtype, qcfg.name])
-        self.cache = ScoreCache(cache_dir)
-        self.requests = 0
-        self.cache_hits = 0
+        self.parallel = jcfg.batch_size
 
     def prompt(self, criterion_prompt: str, source: str, summary: str) -> str:
-        text = criterion_prompt.replace("{source}", source[: self.cfg.max_source_chars]).replace("{summary}", summary)
+        return self.template(self.fill(criterion_prompt, source, summary))
+
+    def template(self, text: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
             return chat_prompt(self.tokenizer, [{"role": "user", "content": text}])
         return text + "\nScore: "
 
-    def _key(self, criterion_prompt: str, source: str, summary: str) -> str:
-        blob = json.dumps([self.model_id, criterion_prompt, source[: self.cfg.max_source_chars], summary])
-        return hashlib.sha256(blob.encode()).hexdigest()
-
     @torch.no_grad()
-    def rate(self, criterion_prompt: str, pairs: Sequence[tuple[str, str]], label: str = "") -> list[dict]:
-        keys = [self._key(criterion_prompt, s, y) for s, y in pairs]
-        found = {k: v for k in set(keys) if (v := self.cache.get(k)) is not None}
-        todo = [i for i, k in enumerate(keys) if k not in found]
-        todo = list({keys[i]: i for i in todo}.values())  # a pair asked twice is scored once
-        self.cache_hits += len(keys) - len(todo)
-        if todo:
-            prompts = [self.prompt(criterion_prompt, *pairs[i]) for i in todo]
-            step = 4 * max(1, self.cfg.batch_size)
-            parts = []
-            for start in range(0, len(prompts), step):  # in chunks, so progress can be told
-                parts.append(evaluation.label_logprobs(self.model, self.tokenizer, prompts[start:start + step],
-                                                       list(RATINGS), batch_size=self.cfg.batch_size,
-                                                       join=lambda p, o: o))
-                self.requests += len(parts[-1])
-                log.info("judge %s: %d/%d rated; %d model calls so far, %d answers from the cache", label,
-                         min(start + step, len(prompts)), len(prompts), self.requests, self.cache_hits)
-            logp = torch.cat(parts)
-            weights = torch.softmax(logp, dim=-1)  # renormalised over the five ratings
-            values = torch.arange(1, len(RATINGS) + 1, dtype=weights.dtype)
-            fresh = {}
-            for row, i in enumerate(todo):
-                fresh[keys[i]] = {"score": float((weights[row] * values).sum()),
-                                  "argmax": int(weights[row].argmax()) + 1,
-                                  "mass": float(logp[row].exp().sum()),
-                                  "probs": [round(float(p), 4) for p in weights[row]]}
-            self.cache.put(fresh)
-            found.update(fresh)
-        return [found[k] for k in keys]
+    def score(self, texts: list[str]) -> list[dict | None]:
+        logp = evaluation.label_logprobs(self.model, self.tokenizer, [self.template(t) for t in texts],
+                                         list(RATINGS), batch_size=self.cfg.batch_size, join=lambda p, o: o)
+        self.requests += len(texts)
+        weights = torch.softmax(logp, dim=-1)  # renormalised over the five ratings
+        values = torch.arange(1, len(RATINGS) + 1, dtype=weights.dtype)
+        return [{"score": float((weights[row] * values).sum()), "argmax": int(weights[row].argmax()) + 1,
+                 "mass": float(logp[row].exp().sum()), "probs": [round(float(p), 4) for p in weights[row]]}
+                for row in range(len(texts))]
+
+
+def rating_from_reply(reply: str, tokens: list[dict] | None) -> dict:
+    """The rating in a chat reply: the first integer, if it is 1-5 (else ``score`` None,
+    unparsed). With the reply's per-token ``logprobs`` the score is the expectation over
+    the ratings listed in ``top_logprobs`` where that integer was generated."""
+    found = re.search(r"\d+", reply)
+    if found is None or found.group() not in RATINGS:
+        return {"score": None, "argmax": None, "reply": reply}
+    rating = int(found.group())
+    for position in tokens or []:
+        if str(position.get("token", "")).strip() != found.group():
+            continue
+        best: dict[str, float] = {}
+        for alt in position.get("top_logprobs") or []:
+            r = str(alt.get("token", "")).strip()
+            if r in RATINGS and alt.get("logprob") is not None:
+                best[r] = max(best.get(r, -float("inf")), float(alt["logprob"]))
+        if best:
+            logp = torch.tensor([best.get(r, -float("inf")) for r in RATINGS], dtype=torch.float64)
+            weights = torch.softmax(logp, dim=-1)
+            return {"score": float((weights * torch.arange(1, 6, dtype=torch.float64)).sum()),
+                    "argmax": int(weights.argmax()) + 1, "mass": float(logp.exp().sum()),
+                    "probs": [round(float(p), 4) for p in weights], "reply": reply}
+        break
+    return {"score": float(rating), "argmax": rating, "reply": reply}
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds asked for by a ``Retry-After`` header (seconds or an HTTP date), if any."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+class ServerJudge(Judge):
+    """``judge=openai``: ratings from an OpenAI-compatible ``/chat/completions`` endpoint."""
+
+    MAX_WAIT_S = 120.0  # the longest single wait between tries, whatever Retry-After asks
+
+    def __init__(self, jcfg, cache_dir: str | None):
+        super().__init__(jcfg, cache_dir)
+        self.url = str(jcfg.base_url).rstrip("/") + "/chat/completions"
+        self.model_id = json.dumps(["openai", str(jcfg.base_url).rstrip("/"), str(jcfg.model)])
+        self.parallel = jcfg.concurrency
+        self._key_value = os.environ.get(str(jcfg.api_key_env), "") if jcfg.api_key_env else ""
+        headers = {"Authorization": f"Bearer {self._key_value}"} if self._key_value else {}
+        if not self._key_value:
+            log.info("judge: no API key in $%s; requests go without one", jcfg.api_key_env)
+        self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(float(jcfg.timeout_s)))
+        self.answered = 0
+        self._lock = threading.Lock()
+
+    def _safe(self, text: str) -> str:
+        """A message with the key, should a server echo it, masked."""
+        return text.replace(self._key_value, "***") if self._key_value else text
+
+    def body(self, text: str) -> dict:
+        body = {"model": str(self.cfg.model), "messages": [{"role": "user", "content": text}],
+                "max_tokens": int(self.cfg.max_tokens), "temperature": 0}
+        if self.cfg.logprobs:
+            body.update(logprobs=True, top_logprobs=int(self.cfg.top_logprobs))
+        return body
+
+    def ask(self, text: str) -> dict | None:
+        """One rating; None when the server kept failing (retryable errors, all tries spent)."""
+        problem, unreachable = "", False
+        for attempt in range(int(self.cfg.max_retries) + 1):
+            wait = None
+            with self._lock:
+                self.requests += 1
+            try:
+                response = self.client.post(self.url, json=self.body(text))
+            except httpx.TransportError as e:  # timeouts, refused or dropped connections
+                problem, unreachable = f"{type(e).__name__}: {e}", isinstance(e, httpx.ConnectError)
+            else:
+                unreachable = False
+                if response.status_code == 429 or response.status_code >= 500:
+                    problem = f"HTTP {response.status_code}"
+                    wait = retry_after(response)
+                elif response.status_code >= 400:
+                    hint = (f" Check the key in ${self.cfg.api_key_env}." if response.status_code in (401, 403)
+                            else " Check judge.model and judge.base_url.")
+                    raise JudgeError(self._safe(f"the judge server at {self.url} answered HTTP {response.status_code}: "
+                                                f"{response.text[:300]}.{hint}"))
+                else:
+                    try:
+                        choice = response.json()["choices"][0]
+                        reply = choice["message"].get("content") or ""
+                        tokens = (choice.get("logprobs") or {}).get("content")
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                        problem = f"a reply that is not a chat completion: {response.text[:200]!r}"
+                    else:
+                        with self._lock:
+                            self.answered += 1
+                        return rating_from_reply(reply, tokens)
+            if attempt < self.cfg.max_retries:
+                backoff = min(self.MAX_WAIT_S, float(self.cfg.backoff_s) * 2 ** attempt) * (0.5 + random.random() / 2)
+                delay = min(self.MAX_WAIT_S, wait if wait is not None else backoff)
+                log.warning("judge: %s from %s; try %d of %d again in %.1f s", self._safe(problem), self.url,
+                            attempt + 2, self.cfg.max_retries + 1, delay)
+                time.sleep(delay)
+        with self._lock:
+            self.failed += 1
+            never = self.answered == 0
+        if never and unreachable:  # no server there: stop now rather than wait out every request
+            raise JudgeError(self._safe(f"the judge server at {self.url} did not answer ({problem}) after "
+                                        f"{self.cfg.max_retries + 1} tries. Is it running? Check judge.base_url."))
+        log.error("judge: giving up on one rating after %d tries (%s); it is left out", self.cfg.max_retries + 1,
+                  self._safe(problem))
+        return None
+
+    def score(self, texts: list[str]) -> list[dict | None]:
+        with ThreadPoolExecutor(max_workers=max(1, int(self.cfg.concurrency))) as pool:
+            return list(pool.map(self.ask, texts))
+
+
+def make_judge(jcfg, cache_dir: str | None, device: str) -> Judge:
+    return ServerJudge(jcfg, cache_dir) if jcfg.name == "openai" else LocalJudge(jcfg, cache_dir, device)
 
 
 def derangement(n: int, seed: int) -> list[int]:
@@ -194,40 +370,55 @@ def judge_predictions(cfg, task, records: Sequence[dict], rows: list[dict], devi
         raise ConfigError(f"judge.source_field={field}: the data has no such field. Fields: {sorted(records[0])}.")
     sources = [str(records[i][field]) for i in range(n)]
     predictions = [str(rows[i].get("prediction", "")) for i in range(n)]
-    judge = Judge(j, cfg.cache_dir, device)
+    judge = make_judge(j, cfg.cache_dir, device)
     metrics: dict = {"judge/n": n}
     refs = [first_reference(task, records[i]) for i in range(n)] if (j.references or j.control) else []
     perm = derangement(n, j.seed) if j.control else []
     if j.control and n < 2:
         raise ConfigError("judge.control needs at least 2 examples to pair each reference with another source.")
-    masses = []
+    tally = {"unparsed": 0, "masses": []}
+
+    def summarise(got: list[dict | None], key: str) -> None:
+        """judge/<key> and judge/<key>_argmax: means over the ratings the judge gave."""
+        rated = [g for g in got if g is not None and g["score"] is not None]
+        tally["unparsed"] += sum(1 for g in got if g is not None and g["score"] is None)
+        tally["masses"] += [g["mass"] for g in rated if "mass" in g]
+        metrics[f"judge/{key}"] = float(np.mean([g["score"] for g in rated])) if rated else float("nan")
+        metrics[f"judge/{key}_argmax"] = float(np.mean([g["argmax"] for g in rated])) if rated else float("nan")
+
+    def keep(rows_key: str, c: str, got: list[dict | None]) -> None:
+        for i, g in enumerate(got):
+            rows[i].setdefault(rows_key, {})[c] = None if g is None or g["score"] is None else round(g["score"], 4)
+            if rows_key == "judge":
+                rows[i].setdefault("judge_argmax", {})[c] = None if g is None else g["argmax"]
+            if g is not None and "reply" in g:  # what the server said, parsed or not
+                rows[i].setdefault(f"{rows_key}_reply", {})[c] = g["reply"]
+
     for c, criterion_prompt in j.criteria.items():
         got = judge.rate(str(criterion_prompt), list(zip(sources, predictions)), f"{c} (predictions)")
-        metrics[f"judge/{c}"] = float(np.mean([g["score"] for g in got]))
-        metrics[f"judge/{c}_argmax"] = float(np.mean([g["argmax"] for g in got]))
-        masses += [g["mass"] for g in got]
-        for i, g in enumerate(got):
-            rows[i].setdefault("judge", {})[c] = round(g["score"], 4)
-            rows[i].setdefault("judge_argmax", {})[c] = g["argmax"]
+        summarise(got, c)
+        keep("judge", c, got)
         if refs:
             true = judge.rate(str(criterion_prompt), list(zip(sources, refs)), f"{c} (references)")
             if j.references:
-                metrics[f"judge/reference_{c}"] = float(np.mean([g["score"] for g in true]))
-                metrics[f"judge/reference_{c}_argmax"] = float(np.mean([g["argmax"] for g in true]))
-                for i, g in enumerate(true):
-                    rows[i].setdefault("judge_reference", {})[c] = round(g["score"], 4)
+                summarise(true, f"reference_{c}")
+                keep("judge_reference", c, true)
             if j.control:
                 wrong = judge.rate(str(criterion_prompt), [(sources[perm[i]], refs[i]) for i in range(n)],
                                    f"{c} (control pairs)")
-                gaps = [t["score"] - w["score"] for t, w in zip(true, wrong)]
-                lo, hi = bootstrap_interval(gaps, j.seed)
-                metrics[f"judge/control_gap_{c}"] = float(np.mean(gaps))
+                tally["unparsed"] += sum(1 for w in wrong if w is not None and w["score"] is None)
+                gaps = [t["score"] - w["score"] for t, w in zip(true, wrong)
+                        if t is not None and w is not None and t["score"] is not None and w["score"] is not None]
+                lo, hi = bootstrap_interval(gaps, j.seed) if gaps else (float("nan"), float("nan"))
+                metrics[f"judge/control_gap_{c}"] = float(np.mean(gaps)) if gaps else float("nan")
                 metrics[f"judge/control_gap_{c}_lo"], metrics[f"judge/control_gap_{c}_hi"] = lo, hi
-    metrics["judge/rating_mass"] = float(np.mean(masses))  # how much the judge wanted to answer 1-5
-    metrics["judge/unparsed"] = 0  # the rating is read from the distribution, never parsed from text
+    if tally["masses"]:  # how much the judge wanted to answer 1-5 (when its probabilities are known)
+        metrics["judge/rating_mass"] = float(np.mean(tally["masses"]))
+    metrics["judge/unparsed"] = tally["unparsed"]  # replies with no rating 1-5 in them (never guessed)
+    metrics["judge/failed"] = judge.failed  # ratings whose requests failed for good (a rerun asks again)
     metrics["judge/requests"] = judge.requests
     metrics["judge/cache_hits"] = judge.cache_hits
     if j.control and "consistency" in j.criteria:
         # the validity check: a judge must rate a summary above one of another conversation
-        metrics["judge/control_ok"] = int(metrics["judge/control_gap_consistency_lo"] > 0)
+        metrics["judge/control_ok"] = int(bool(metrics["judge/control_gap_consistency_lo"] > 0))
     return metrics

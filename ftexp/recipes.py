@@ -113,7 +113,8 @@ def result_row(metrics: dict, objective: str) -> str:
             lo, hi = metrics["judge/control_gap_consistency_lo"], metrics["judge/control_gap_consistency_hi"]
             flag = "" if lo > 0 else " JUDGE CANNOT TELL A TRUE SUMMARY FROM A WRONG ONE"
             parts.append(f"consistency gap {metrics['judge/control_gap_consistency']:+.2f} [{lo:+.2f}, {hi:+.2f}]{flag}")
-        parts.append(f"judge calls {metrics['judge/requests']} (cache {metrics['judge/cache_hits']})")
+        lost = "".join(f", {metrics[f'judge/{k}']} {k}" for k in ("unparsed", "failed") if metrics.get(f"judge/{k}"))
+        parts.append(f"judge calls {metrics['judge/requests']} (cache {metrics['judge/cache_hits']}{lost})")
     if "train/loss_first" in metrics:
         parts.append(f"loss {metrics['train/loss_first']:.3f}->{metrics['train/loss_last']:.3f}")
     if "eval/irregular" in metrics:
@@ -226,7 +227,13 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
                 raise
             metrics.update(eval_metrics)
             if cfg.judge.name != "none":
-                metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, device))
+                try:
+                    metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, device))
+                except Exception:  # keep the trained model and its evaluation; judge it again later
+                    record(cfg, run_dir, tracker, metrics, rows)
+                    log.error("judging failed; the run's metrics and predictions are recorded in %s. Judge them "
+                              "again with: python evaluate.py run=%s judge=%s ...", run_dir, run_dir, cfg.judge.name)
+                    raise
 
         # record
         record(cfg, run_dir, tracker, metrics, rows)

@@ -94,6 +94,8 @@ def twin_cfg(experiment: str, tmp_path):
                  *data_override(preset.data.name, tmp_path)]
     if preset.quant.name == "nf4":
         overrides.append("quant.bnb_4bit_compute_dtype=float32")
+    if preset.judge.name == "openai":  # its server is the user's to name (tests/test_judge_server.py)
+        overrides.append("judge=none")
     return preset, compose_cfg(overrides, tmp_path / "run", fast=False)
 
 

@@ -91,7 +91,7 @@ def test_a_runs_predictions_are_judged_without_generating_again_and_a_rerun_make
 def test_the_score_is_the_expectation_of_the_five_ratings(dialogsum_run):
     """Σ p(s)·s over the ratings 1..5, renormalised over those five, and the argmax beside it."""
     cfg = compose_cfg([*DIALOGSUM, "judge=hf", f"judge.model={dialogsum_run / 'base_model'}", "cache_dir=null"])
-    j = judge.Judge(cfg.judge, None, "cpu")
+    j = judge.LocalJudge(cfg.judge, None, "cpu")
     prompt = str(cfg.judge.criteria.fluency)
     got = j.rate(prompt, [("#Person1#: Hi.\n#Person2#: Hello.", "Two people greet.")])[0]
     text = j.prompt(prompt, "#Person1#: Hi.\n#Person2#: Hello.", "Two people greet.")

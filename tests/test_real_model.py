@@ -12,6 +12,7 @@ runs on the CPU. Skipped, with the reason, when the package is not installed
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
 from importlib import metadata
 
@@ -121,3 +122,100 @@ def test_qlora_nf4_trains_on_the_cpu(real, tmp_path):
     assert 0 < metrics["train/trainable_params"] < 0.05 * metrics["train/total_params"]
     # float32 weights are 513 MB; with the blocks' linears in 4 bits only the embedding stays wide
     assert metrics["model/weight_memory_mb"] < 0.6 * 134_515_008 * 4 / 2**20
+
+
+DIALOGUES = 4
+
+
+@pytest.fixture(scope="module")
+def dialogsum_pairs(shared_data_module):
+    """A few DialogSum test dialogues; their reference summaries stand in as predictions."""
+    cfg = compose_cfg(["data=dialogsum", "task=summarization", f"data.path={shared_data_module / 'dialogsum'}",
+                       f"eval.n={DIALOGUES}"])
+    _, _, rows = recipes.load_data(cfg)
+    records = [dict(r) for r in rows]
+    task = build_task(cfg.task)
+    return cfg, records, [{"prediction": task.reference(r)} for r in records]
+
+
+def test_smollm2_judges_summaries_from_its_rating_distribution_and_a_rerun_is_free(real, dialogsum_pairs, tmp_path):
+    from omegaconf import open_dict
+
+    from ftexp import judge
+
+    cfg, records, rows = dialogsum_pairs
+    with open_dict(cfg):
+        cfg.judge = compose_cfg(["judge=hf"]).judge
+        cfg.judge.model, cfg.judge.control, cfg.cache_dir = str(real["folder"]), True, str(tmp_path)
+        cfg.judge.max_source_chars = 800  # the start of each dialogue: keeps the test short
+    first = judge.judge_predictions(cfg, build_task(cfg.task), records, rows, "cpu")
+    for c in ("relevance", "coherence", "consistency", "fluency"):
+        assert 1 <= first[f"judge/{c}"] <= 5 and 1 <= first[f"judge/{c}_argmax"] <= 5
+        assert first[f"judge/control_gap_{c}_lo"] <= first[f"judge/control_gap_{c}"] <= first[f"judge/control_gap_{c}_hi"]
+    assert first["judge/rating_mass"] > 0.2  # the ratings hold a real share of the next-token mass (0.39 measured)
+    # predictions and references are the same pairs here: the references come from the cache
+    assert first["judge/requests"] == 4 * DIALOGUES * 2 and first["judge/cache_hits"] == 4 * DIALOGUES
+    assert first["judge/unparsed"] == 0
+    again = judge.judge_predictions(cfg, build_task(cfg.task), records, [dict(r) for r in rows], "cpu")
+    assert again["judge/requests"] == 0 and again["judge/consistency"] == pytest.approx(first["judge/consistency"])
+
+
+def _serving_missing() -> str | None:
+    for module in ("fastapi", "uvicorn"):
+        if importlib.util.find_spec(module) is None:
+            return "transformers serve needs its extra: pip install 'transformers[serving]'"
+    return None
+
+
+@pytest.mark.skipif(_serving_missing() is not None, reason=_serving_missing() or "")
+def test_the_openai_judge_rates_through_a_real_transformers_serve(real, dialogsum_pairs, tmp_path):
+    """`transformers serve` with SmolLM2 on 127.0.0.1; it ignores logprobs, so replies are parsed."""
+    import os
+    import socket
+    import subprocess
+    import urllib.request
+
+    from omegaconf import open_dict
+
+    from ftexp import judge
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_file = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(["transformers", "serve", str(real["folder"]), "--host", "127.0.0.1", "--port", str(port),
+                               "--device", "cpu", "--dtype", "float32"], stdout=log_file, stderr=subprocess.STDOUT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(1)
+        cfg, records, rows = dialogsum_pairs
+        with open_dict(cfg):
+            cfg.judge = compose_cfg(["judge=openai", f"judge.base_url=http://127.0.0.1:{port}/v1",
+                                     f"judge.model={real['folder']}", "judge.concurrency=2",
+                                     "judge.max_source_chars=800"]).judge
+            cfg.cache_dir = str(tmp_path / "cache")
+        rows = [dict(r) for r in rows]
+        got = judge.judge_predictions(cfg, build_task(cfg.task), records, rows, "cpu")
+        assert got["judge/n"] == DIALOGUES and got["judge/failed"] == 0
+        assert got["judge/requests"] == 4 * DIALOGUES  # each rating asked once, none retried
+        replies = [v for r in rows for v in r["judge_reply"].values()]
+        assert len(replies) == 4 * DIALOGUES
+        parsed = sum(v is not None for r in rows for v in r["judge"].values())
+        assert parsed + got["judge/unparsed"] == 4 * DIALOGUES and parsed > 0
+        for r in rows:  # a parsed score is the reply's first integer
+            for c, v in r["judge"].items():
+                if v is not None:
+                    assert str(int(v)) == re.search(r"\d+", r["judge_reply"][c]).group()
+        again = judge.judge_predictions(cfg, build_task(cfg.task), records, [dict(r) for r in dialogsum_pairs[2]], "cpu")
+        assert again["judge/requests"] == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log_file.close()
