@@ -10,7 +10,7 @@ import pytest
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score
 
-from ftexp.metrics import METRIC_NAMES, classification_scores, evaluate_library, load_metric
+from ftexp.metrics import METRIC_NAMES, classification_scores, core, evaluate_library, load_metric
 
 
 def test_every_shipped_metric_loads_through_the_evaluate_api_offline():
@@ -20,6 +20,13 @@ def test_every_shipped_metric_loads_through_the_evaluate_api_offline():
         assert isinstance(metric, lib.Metric), name
     with pytest.raises(ValueError, match="ftexp ships"):
         load_metric("bleu")
+
+
+def test_each_metric_script_serves_the_shared_class():
+    for name, cls in [("rouge", core.Rouge), ("accuracy", core.Accuracy), ("f1", core.F1),
+                      ("exact_match", core.ExactMatch), ("token_f1", core.TokenF1)]:
+        metric = load_metric(name)
+        assert type(metric) is cls and metric.name == name
 
 
 # ----------------------------------------------------------------------------- ROUGE
@@ -49,6 +56,20 @@ def test_rouge_equals_rouge_score_single_and_multi_reference():
         expected = [scorer.score_multi(r, p)[t].fmeasure for p, r in zip(preds, refs)]
         assert out[f"{t}_per_example"] == pytest.approx(expected, abs=1e-12)
         assert out[t] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+
+
+@pytest.mark.parametrize("use_stemmer", [True, False])
+def test_rouge_equals_rouge_score_with_one_text_per_reference_and_chosen_types(use_stemmer):
+    rng = random.Random(1)
+    words = "running runs ran the cats cat sat sitting home homes\nquickly".split(" ")
+    preds = [" ".join(rng.choices(words, k=rng.randint(1, 10))) for _ in range(30)]
+    refs = [" ".join(rng.choices(words, k=rng.randint(1, 10))) for _ in range(30)]
+    scorer = rouge_scorer.RougeScorer(["rouge2", "rougeLsum"], use_stemmer=use_stemmer)
+    out = load_metric("rouge").compute(predictions=preds, references=refs, rouge_types=["rouge2", "rougeLsum"],
+                                       use_stemmer=use_stemmer, per_example=True)
+    assert set(out) == {"rouge2", "rougeLsum", "rouge2_per_example", "rougeLsum_per_example"}
+    for t in ("rouge2", "rougeLsum"):
+        assert out[f"{t}_per_example"] == [scorer.score(r, p)[t].fmeasure for p, r in zip(preds, refs)]
 
 
 def test_multi_reference_rouge_takes_the_best_reference_per_example():
@@ -87,6 +108,26 @@ def test_accuracy_and_f1_equal_scikit_learn(seed):
     binary_gold, binary_pred = [g % 2 for g in gold], [abs(p) % 2 for p in pred]
     assert f1.compute(predictions=binary_pred, references=binary_gold)["f1"] == pytest.approx(
         f1_score(binary_gold, binary_pred))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_weighted_accuracy_binary_f1_and_per_label_f1_equal_scikit_learn(seed):
+    rng = random.Random(seed)
+    gold = _random_labels(seed, 40, [0, 1])
+    pred = _random_labels(seed + 50, 40, [0, 1])
+    weights = [rng.random() for _ in gold]
+    acc = load_metric("accuracy")
+    for normalize in (True, False):
+        ours = acc.compute(predictions=pred, references=gold, normalize=normalize, sample_weight=weights)["accuracy"]
+        assert ours == pytest.approx(accuracy_score(gold, pred, normalize=normalize, sample_weight=weights))
+    assert acc.compute(predictions=pred, references=gold, normalize=False)["accuracy"] == accuracy_score(
+        gold, pred, normalize=False)
+    f1 = load_metric("f1")
+    for pos_label in (0, 1):
+        ours = f1.compute(predictions=pred, references=gold, pos_label=pos_label)["f1"]
+        assert ours == pytest.approx(f1_score(gold, pred, pos_label=pos_label))
+    per_label = f1.compute(predictions=pred, references=gold, average=None)["f1"]
+    assert isinstance(per_label, list) and per_label == pytest.approx(list(f1_score(gold, pred, average=None)))
 
 
 def test_f1_hand_computed_and_zero_division():
@@ -128,3 +169,15 @@ def test_exact_match_and_token_f1_hand_computed():
     out = f1.compute(predictions=["cat sat down", "", ""], references=[["dog", "the cat sat"], [""], ["x"]],
                      per_example=True)
     assert out["token_f1_per_example"] == pytest.approx([0.8, 1.0, 0.0])
+
+
+def test_exact_match_and_token_f1_share_one_normalisation():
+    assert core.normalize_answer("  The CAT's, an apple... A  day! ") == "cats apple day"
+    assert core.normalize_answer("theatre anthem") == "theatre anthem"  # articles only as whole words
+    pairs = [("The Cat's hat!", "cats hat"), ("an apple", "Apple."), ("red cat", "cat red")]
+    em = load_metric("exact_match").compute(predictions=[p for p, _ in pairs], references=[r for _, r in pairs],
+                                            per_example=True)["exact_match_per_example"]
+    tf1 = load_metric("token_f1").compute(predictions=[p for p, _ in pairs], references=[r for _, r in pairs],
+                                          per_example=True)["token_f1_per_example"]
+    assert em == [int(core.normalize_answer(p) == core.normalize_answer(r)) for p, r in pairs] == [1, 1, 0]
+    assert tf1 == [1.0, 1.0, 1.0]  # the same tokens, in another order for the last pair

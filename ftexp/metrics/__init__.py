@@ -1,11 +1,5 @@
-"""Metrics through the ``evaluate`` library's API, from modules shipped with ftexp.
-
-``evaluate.load("rouge")`` fetches the metric's code from the Hugging Face Hub and
-fails offline, so ftexp keeps its own metric modules beside this file (one folder
-per metric: ``rouge``, ``accuracy``, ``f1``, ``exact_match``, ``token_f1``) and loads
-them by path with ``load_metric(name)``. Their numbers equal the reference
-implementations (rouge_score, scikit-learn) on the same inputs; tests check that.
-"""
+"""Metrics through the ``evaluate`` API, loaded by path from one folder per metric beside this
+file (``evaluate.load("rouge")`` would fetch code from the Hub and fail offline); see core.py."""
 
 from __future__ import annotations
 
@@ -19,6 +13,7 @@ METRIC_NAMES = ("rouge", "accuracy", "f1", "exact_match", "token_f1")
 
 
 def metric_path(name: str) -> Path:
+    """The script of the shipped metric ``name``."""
     path = METRICS_DIR / name / f"{name}.py"
     if name not in METRIC_NAMES or not path.exists():
         raise ValueError(f"unknown metric {name!r}; ftexp ships: {', '.join(METRIC_NAMES)}")
@@ -26,45 +21,35 @@ def metric_path(name: str) -> Path:
 
 
 def evaluate_library():
-    """The ``evaluate`` library, even where the project's own ``evaluate.py`` script
-    would shadow it (a Python started in the repository's root puts the root first
-    on sys.path, so a plain ``import evaluate`` would import the script)."""
+    """The ``evaluate`` library, even where the repository's own ``evaluate.py`` script
+    shadows it (Python started in the repository's root puts the root first on sys.path)."""
     loaded = sys.modules.get("evaluate")
-    if loaded is not None and hasattr(loaded, "load") and hasattr(loaded, "Metric"):
+    if hasattr(loaded, "load") and hasattr(loaded, "Metric"):
         return loaded
-    shadowing = [p for p in sys.path if (Path(p or os.getcwd()) / "evaluate.py").is_file()]
     saved_path = list(sys.path)
-    if loaded is not None:
-        del sys.modules["evaluate"]
-    sys.path[:] = [p for p in sys.path if p not in shadowing]
+    sys.modules.pop("evaluate", None)
+    sys.path[:] = [p for p in sys.path if not (Path(p or os.getcwd()) / "evaluate.py").is_file()]
     try:
-        import evaluate
+        return __import__("evaluate")
     finally:
         sys.path[:] = saved_path
-    return evaluate
 
 
 def load_metric(name: str):
-    """The ``evaluate`` metric ``name`` from ftexp's own modules (never the Hub).
-
-    Kept in memory: no cache files, so parallel runs never contend for a lock.
-    """
+    """The ``evaluate`` metric ``name`` from ftexp's own modules (never the Hub), kept in
+    memory: no cache files, so parallel runs never contend for a lock."""
     return evaluate_library().load(str(metric_path(name).parent), keep_in_memory=True)
 
 
 def classification_scores(parsed: Sequence[int | None], gold: Sequence[int], *, num_labels: int,
                           prefix: str = "eval/") -> dict:
-    """Accuracy and F1. An irregular output (None) is a wrong prediction.
-
-    Binary tasks report F1 of the second label (SST-2: "positive"); more labels
-    report macro F1 over the real labels.
-    """
+    """Accuracy and F1; an irregular output (None) is a wrong prediction. Binary tasks report
+    F1 of the second label (SST-2: "positive"), more labels macro F1 over the real labels."""
     pred = [-1 if p is None else int(p) for p in parsed]
     gold = [int(g) for g in gold]
     if not gold:
         return {f"{prefix}accuracy": 0.0, f"{prefix}f1": 0.0, f"{prefix}n": 0}
     labels = [1] if num_labels == 2 else list(range(num_labels))
     accuracy = load_metric("accuracy").compute(predictions=pred, references=gold)["accuracy"]
-    f1 = load_metric("f1").compute(predictions=pred, references=gold, labels=labels, average="macro",
-                                   zero_division=0)["f1"]
+    f1 = load_metric("f1").compute(predictions=pred, references=gold, labels=labels, average="macro")["f1"]
     return {f"{prefix}accuracy": float(accuracy), f"{prefix}f1": float(f1), f"{prefix}n": len(gold)}
