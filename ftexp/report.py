@@ -1,593 +1,250 @@
-"""A sweep directory -> the study's results table and plot.
-
-    python -m ftexp.report outputs/sweeps/sst2_study-tiny-sst2
-    python -m ftexp.report <sweep dir> --baseline outputs/runs/zero_shot --baseline outputs/runs/five_shot
-
-Writes into the sweep dir (or ``--out``):
-
-* ``results.md`` / ``results.csv``: one row per cell (the swept values other than the seed):
-  Method, # training data (epochs), the task's metrics (Accuracy and F1 for classification,
-  ROUGE for summarization, MCRMSE for scoring, exact match for QA), training loss first->last,
-  Irregular output, wall time, peak memory, trainable parameters, and the status. Several
-  seeds in a cell: mean +- std and the number of seeds. A failed run shows as failed with its
-  error; a run without results (interrupted) as incomplete. Nothing is dropped.
-* ``results.png``: the objective against training-set size (log axis), one line per epochs
-  value (or per LoRA rank); baselines as dashed lines.
-
-The sweeper runs this at the end of every multirun; run it by hand on a sweep in progress, on an
-older sweep, or to add baseline rows (``evaluate.py`` run dirs).
-"""
+"""A sweep's results table and plot: ``python -m ftexp.report <sweep dir>`` writes results.md, .csv and .png."""
 
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import json
+import logging
 import math
-import statistics
-import sys
-from dataclasses import dataclass, field
+from collections import namedtuple
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import pandas as pd
 from omegaconf import OmegaConf
 
 from ftexp import records
+from ftexp.judge import BOOKKEEPING
+from ftexp.tasks import KINDS, metric_direction
 
-RUN_FILES = ("config.yaml", "metrics.json", "failed.json")
-SKIP_DIRS = {"base_model", "model", "adapter", "checkpoints", "wandb", ".hydra", ".gpu_slots"}
-SEED_KEYS = ("train.seed",)
-# Axes shown in their own columns are everything except these, which Method and
-# "# training data (epochs)" already show.
+# Swept axes that Method and "# training data (epochs)" already show; every other one gets a column.
 SHOWN_ELSEWHERE = ("train.n", "train.epochs", "train.max_steps", "lora.r", "model.name", "quant.name", "lora.name",
                    "lora.enabled", "model.name_or_path")
-
-METRICS_BY_KIND = {
-    "classification": [("Accuracy", "eval/accuracy"), ("F1", "eval/f1")],
-    "summarization": [("ROUGE-1", "eval/rouge1"), ("ROUGE-2", "eval/rouge2"), ("ROUGE-L", "eval/rougeL")],
-    "scoring": [("MCRMSE", "eval/mcrmse")],
-    "qa": [("Exact match", "eval/exact_match"), ("Token F1", "eval/token_f1")],
-}
+METRIC_NAMES = {  # the task metrics the table shows, in this order, where the runs' task kind declares them
+    "eval/accuracy": "Accuracy", "eval/f1": "F1", "eval/rouge1": "ROUGE-1", "eval/rouge2": "ROUGE-2",
+    "eval/rougeL": "ROUGE-L", "eval/mcrmse": "MCRMSE", "eval/exact_match": "Exact match", "eval/token_f1": "Token F1"}
+# The means every row ends with, as results.csv names them ("wall": training plus evaluation time).
+COSTS = {"training loss first": "train/loss_first", "training loss last": "train/loss_last",
+         "Irregular output": "eval/irregular", "Wall time (s)": "wall", "Peak memory (MB)": "train/peak_memory_mb",
+         "Trainable params": "train/trainable_params"}
+UNITS = {  # how results.md writes the last three
+    "Wall time (s)": lambda s: f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h",
+    "Peak memory (MB)": lambda mb: f"{mb:,.0f} MB" if mb < 10240 else f"{mb / 1024:.1f} GB",
+    "Trainable params": lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,.0f}"}
+STATUS_RANK = {"ok": 0, "failed": 1, "incomplete": 2}
+Cell = namedtuple("Cell", "values runs")  # the runs of one combination of swept values (the seed aside)
 
 
 class ReportError(ValueError):
     """Input the report cannot use; the message says what was expected."""
 
 
-# ----------------------------------------------------------------------------- reading runs
-
-
 @dataclass
 class Run:
+    """One run folder: its flat config ("train.n" -> 100), metrics and failure record."""
     path: Path
-    config: dict  # flat: "train.n" -> 100
+    config: dict
     metrics: dict | None
     failure: dict | None
     partial: bool = False  # config holds only the swept values (failed before composing)
 
     @property
     def status(self) -> str:
-        if self.metrics is not None:
-            return "ok"
-        return "failed" if self.failure is not None else "incomplete"
-
-
-def load_run(path: Path) -> Run:
-    config = {}
-    for name in ("config.yaml", ".hydra/config.yaml"):  # the second is unresolved: resolve if it can be
-        if (path / name).exists() and not config:
-            loaded = OmegaConf.load(path / name)
-            for resolve in (True, False):
-                try:
-                    config = records.flatten(records.scrub(OmegaConf.to_container(loaded, resolve=resolve)))
-                    break
-                except Exception:
-                    continue
-    failure = records.read_failure(path)
-    partial = False
-    if not config and failure and failure.get("values"):  # a trial whose config never composed
-        config, partial = dict(failure["values"]), True
-    return Run(path=path, config=config, metrics=records.read_metrics(path), failure=failure, partial=partial)
-
-
-def is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in RUN_FILES)
+        return "ok" if self.metrics is not None else "failed" if self.failure is not None else "incomplete"
 
 
 def find_runs(root: Path, depth: int = 2) -> list[Run]:
-    """Run directories at or under ``root`` (a sweep dir, or a single run dir)."""
-    if is_run_dir(root):
-        return [load_run(root)]
-    runs = []
-    if depth > 0:
-        for child in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in SKIP_DIRS
-                            and not p.name.startswith(".")):
-            runs.extend(find_runs(child, depth - 1))
-    return runs
-
-
-# ----------------------------------------------------------------------------- cells
-
-
-def _ignored(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in records.NON_EXPERIMENT_KEYS)
+    """The run folders at or under ``root`` (a sweep dir, or a single run dir)."""
+    if not any((root / name).exists() for name in ("config.yaml", "metrics.json", "failed.json")):
+        return [run for p in sorted(root.iterdir()) if depth > 0 and p.is_dir() and p.name[0] != "." and p.name not in
+                {"base_model", "model", "adapter", "checkpoints", "wandb"} for run in find_runs(p, depth - 1)]
+    config, failure = {}, records.read_failure(root)
+    for path, r in [(root / n, r) for n in ("config.yaml", ".hydra/config.yaml") for r in (True, False)]:
+        with contextlib.suppress(Exception):  # missing or unreadable; resolved if it can be (the .hydra one is not)
+            config = config or records.flatten(records.scrub(OmegaConf.to_container(OmegaConf.load(path), resolve=r)))
+    partial = not config and bool(failure and failure.get("values"))  # never composed: failed.json has the values
+    return [Run(root, dict(failure["values"]) if partial else config, records.read_metrics(root), failure, partial)]
 
 
 def fill_partial_configs(runs: list[Run]) -> None:
-    """A trial that failed before composing knows only its swept values: give it the settings
-    every composed run of the sweep shares, so it lands in its own cell with the right label."""
+    """Give a trial that failed before composing (its swept values only) the settings every composed run shares."""
     full = [r.config for r in runs if r.config and not r.partial]
-    if not full:
-        return
-    common = {k: v for k, v in full[0].items() if all(c.get(k, object()) == v for c in full[1:])}
-    for run in runs:
-        if run.partial:
-            # a swept config group (model=a,b) is stored by its name: drop the composed run's keys under it
-            groups = [k for k in run.config if "." not in k]
-            kept = {k: v for k, v in common.items() if not any(k.startswith(g + ".") for g in groups)}
-            run.config = {**kept, **run.config}
-
-
-def swept_axes(runs: list[Run]) -> list[str]:
-    """Config keys whose value differs between runs, in config order."""
-    keys: list[str] = []
-    for run in runs:
-        keys.extend(k for k in run.config if k not in keys)
-    axes = []
-    for key in keys:
-        if _ignored(key):
-            continue
-        values = {json.dumps(r.config.get(key), sort_keys=True, default=str) for r in runs if r.config}
-        if len(values) > 1:
-            axes.append(key)
-    return axes
-
-
-@dataclass
-class Cell:
-    values: dict  # axis -> value (seed excluded)
-    runs: list[Run] = field(default_factory=list)
-    baseline: bool = False
-
-    @property
-    def config(self) -> dict:
-        for run in self.results or self.runs:
-            if run.config:
-                return run.config
-        return {}
-
-    @property
-    def per_seed(self) -> list[Run]:
-        """One run per seed: a finished one where there is one (a retried cell keeps its success)."""
-        best: dict[str, Run] = {}
-        rank = {"ok": 0, "failed": 1, "incomplete": 2}
-        for run in self.runs:
-            seed = json.dumps([run.config.get(k) for k in SEED_KEYS], default=str)
-            if seed not in best or rank[run.status] < rank[best[seed].status]:
-                best[seed] = run
-        return list(best.values())
-
-    @property
-    def results(self) -> list[Run]:
-        return [r for r in self.per_seed if r.status == "ok"]
-
-    def values_of(self, key: str) -> list[float]:
-        out = []
-        for run in self.results:
-            v = run.metrics.get(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                out.append(float(v))
-        return out
-
-    def stat(self, key: str) -> tuple[float | None, float | None, int]:
-        vals = self.values_of(key)
-        if not vals:
-            return None, None, 0
-        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
-
-    @property
-    def status(self) -> str:
-        seeds = self.per_seed
-        counts = {s: sum(r.status == s for r in seeds) for s in ("ok", "failed", "incomplete")}
-        errors = [r.failure.get("error", "") for r in seeds if r.status == "failed" and r.failure]
-        error = f": {errors[0]}" if errors else ""
-        if counts["ok"] == len(seeds):
-            return "ok"
-        if counts["ok"] == 0 and counts["failed"] == len(seeds):
-            return f"failed{error}"
-        if counts["ok"] == 0 and counts["incomplete"] == len(seeds):
-            return "incomplete"
-        parts = [f"{n} {s}" for s, n in counts.items() if n]
-        return ", ".join(parts) + error
-
-
-def group_cells(runs: list[Run], axes: list[str]) -> list[Cell]:
-    keys = [a for a in axes if a not in SEED_KEYS]
-    cells: dict[str, Cell] = {}
-    for run in runs:
-        values = {k: run.config.get(k) for k in keys}
-        ident = json.dumps(values, sort_keys=True, default=str)
-        cells.setdefault(ident, Cell(values=values)).runs.append(run)
-    return list(cells.values())
-
-
-# ----------------------------------------------------------------------------- formatting
-
-
-def fmt_num(x: float | None, digits: int = 3) -> str:
-    if x is None:
-        return ""
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}f}"
-
-
-def fmt_stat(mean: float | None, std: float | None, digits: int = 3) -> str:
-    if mean is None:
-        return ""
-    return fmt_num(mean, digits) + (f" ± {std:.{digits}f}" if std is not None else "")
-
-
-def fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return ""
-    return f"{s:.1f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
-
-
-def fmt_mb(mb: float | None) -> str:
-    if mb is None:
-        return ""
-    return f"{mb:,.0f} MB" if mb < 10240 else f"{mb / 1024:.1f} GB"
-
-
-def fmt_params(n: float | None) -> str:
-    if n is None:
-        return ""
-    n = float(n)
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,.0f}"
-
-
-def method_label(config: dict, baseline: bool = False) -> str:
-    model = config.get("model.name") or config.get("model.name_or_path") or "?"
-    if baseline:
-        shots = int(config.get("eval.shots") or 0)
-        return f"{model} · {'zero-shot' if shots == 0 else f'{shots}-shot'} prompt"
-    quant = config.get("quant.name") or "none"
-    if config.get("lora.enabled") is False:
-        how = "full fine-tune"
-    else:
-        r = config.get("lora.r")
-        kind = "QLoRA" if quant == "nf4" else ("LoRA int8" if quant == "int8" else "LoRA")
-        how = f"{kind} (r={r})" if r is not None else kind
-    return f"{model} · {how}"
-
-
-def training_size(cell: Cell) -> tuple[int | None, str]:
-    """(n as a number, "1,000 (3)") for a cell: train.n, or the rows actually used when null."""
-    config = cell.config
-    if cell.baseline:
-        return 0, "0"
-    n = config.get("train.n")
-    if n is None:
-        sizes = cell.values_of("train/samples")
-        n = int(sizes[0]) if sizes else None
-    size = f"{n:,}" if isinstance(n, int) else "full" if n is None else str(n)
-    steps, epochs = config.get("train.max_steps"), config.get("train.epochs")
-    if steps:
-        return n, f"{size} ({steps} step{'s' if steps != 1 else ''})"
-    if epochs is not None:
-        return n, f"{size} ({float(epochs):g})"
-    return n, size
+    common = {k: v for k, v in full[0].items() if all(c.get(k, object()) == v for c in full[1:])} if full else {}
+    for run in (r for r in runs if r.partial and full):
+        groups = tuple(k + "." for k in run.config if "." not in k)  # a swept group (model=a,b): none of its keys
+        run.config = {**{k: v for k, v in common.items() if not k.startswith(groups)}, **run.config}
 
 
 def metric_columns(cells: list[Cell], objective: str | None) -> list[tuple[str, str]]:
-    kinds = []
-    for cell in cells:
-        kind = cell.config.get("task.kind")
-        if kind and kind not in kinds:
-            kinds.append(kind)
-    present = {k for c in cells for r in c.results for k in r.metrics}
-    if not kinds:
-        kinds = [k for k, cols in METRICS_BY_KIND.items() if any(key in present for _, key in cols)]
-    cols: list[tuple[str, str]] = []
-    for kind in kinds:
-        cols.extend(c for c in METRICS_BY_KIND.get(kind, []) if c not in cols)
-    # LLM-judge scores, when the runs have them: one column per criterion, as the runs name them
-    from ftexp.judge import BOOKKEEPING
-
-    for key in sorted(k for k in present if k.startswith("judge/")):
-        name = key.split("/", 1)[1]
-        if name not in BOOKKEEPING and not name.startswith("control_") and not name.endswith(("_argmax", "_lo", "_hi")):
-            cols.append((f"Judge {name.replace('reference_', 'reference ')}", key))
-    if objective and objective not in [k for _, k in cols]:
-        cols.append((objective, objective))
-    return cols
+    """(column name, metric key): the task metrics the runs' kind declares, judge criteria, and the objective."""
+    present = {k for c in cells for r in c.runs if r.metrics for k in r.metrics}
+    kinds = {r.config.get("task.kind") for c in cells for r in c.runs} & set(KINDS)
+    declared = {m.name for kind in kinds for m in KINDS[kind].metrics} if kinds else present
+    cols = [(name, key) for key, name in METRIC_NAMES.items() if key in declared]
+    judge = [k for k in sorted(present) if k.startswith("judge/") and k[6:] not in BOOKKEEPING  # a score per criterion
+             and not k[6:].startswith("control_") and not k.endswith(("_argmax", "_lo", "_hi"))]
+    cols += [(f"Judge {k[6:].replace('reference_', 'reference ')}", k) for k in judge]
+    return cols + ([(objective, objective)] if objective and objective not in [k for _, k in cols] else [])
 
 
-# ----------------------------------------------------------------------------- the table
+def run_row(run: Run, keys: list[str], baseline: bool) -> dict:
+    """A run as a row: its cell and seed, method, training size ("1,000 (2)"), status and finite metrics."""
+    cfg, shots = run.config, int(run.config.get("eval.shots") or 0) if baseline else 0
+    metrics = {k: float(v) for k, v in (run.metrics or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    method = "full fine-tune" if cfg.get("lora.enabled") is False else {"nf4": "QLoRA", "int8": "LoRA int8"}.get(
+        cfg.get("quant.name"), "LoRA") + (f" (r={cfg['lora.r']})" if cfg.get("lora.r") is not None else "")
+    method = f"{'zero' if shots == 0 else shots}-shot prompt" if baseline else method
+    n = 0 if baseline else cfg.get("train.n")  # null: the rows the run used
+    n = int(metrics["train/samples"]) if n is None and "train/samples" in metrics else n
+    steps, epochs = (None, 0) if baseline else (cfg.get("train.max_steps"), cfg.get("train.epochs"))
+    size = f"{n:,}" if isinstance(n, int) else "full" if n is None else str(n)
+    size += (f" ({steps} step{'s' * (steps != 1)})" if steps else
+             "" if baseline or epochs is None else f" ({float(epochs):g})")
+    values, model = {k: cfg.get(k) for k in keys}, cfg.get("model.name") or cfg.get("model.name_or_path") or "?"
+    return {**metrics, **values, "Method": f"{model} · {method}", "# training data": n, "epochs": epochs,
+            "max_steps": steps, "size": size, "baseline": baseline, "run": run, "status": run.status, "shots": shots,
+            "wall": metrics.get("train/runtime_s", 0.0) + metrics.get("eval/runtime_s", 0.0),
+            "cell": str(run.path) if baseline else json.dumps(values, default=str), "seed": cfg.get("train.seed"),
+            "n": pd.to_numeric(n, errors="coerce"), "e": pd.to_numeric(epochs, errors="coerce")}  # for sorting
 
 
-@dataclass
 class Table:
-    title: str
-    objective: str | None
-    direction: str
-    cells: list[Cell]
-    axes: list[str]
-    metric_cols: list[tuple[str, str]]
-    n_runs: int
+    """A sweep's runs and baselines as one row per cell, in table order, with each metric's mean and std."""
 
-    @property
-    def extra_axes(self) -> list[str]:
-        return [a for a in self.axes if a not in SHOWN_ELSEWHERE and a not in SEED_KEYS]
+    def __init__(self, sweep_dir: Path, baselines: list[Path] = ()):
+        runs = find_runs(sweep_dir) if sweep_dir.is_dir() else []
+        if not runs:
+            raise ReportError(f"No runs under {sweep_dir}: expected run folders holding config.yaml, metrics.json or "
+                              "failed.json." if sweep_dir.exists() else f"{sweep_dir} does not exist.")
+        fill_partial_configs(runs)
+        configs = [r.config for r in runs if r.config]  # swept: the keys whose value differs between runs
+        keys = dict.fromkeys(k for c in configs for k in c if k.split(".")[0] not in records.NON_EXPERIMENT_KEYS)
+        self.axes = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
+        keys, rows = [a for a in self.axes if a != "train.seed"], []
+        self.extra_axes = [a for a in keys if a not in SHOWN_ELSEWHERE]  # shown in columns of their own
+        for base in map(Path, baselines):
+            found = [r for r in find_runs(base) if r.metrics is not None] if base.is_dir() else []
+            if not found:
+                raise ReportError(f"baseline {base} holds no finished run (the metrics.json of an evaluate.py run).")
+            rows += [run_row(r, keys, True) for r in found]
+        frame = pd.DataFrame(rows + [run_row(r, keys, False) for r in runs], dtype=object).astype({"baseline": bool})
+        frame = frame.sort_values("status", key=lambda s: s.map(STATUS_RANK), kind="stable")  # the best try first
+        self.runs = frame.drop_duplicates(["cell", "seed"]).sort_index()  # one run per seed of each cell
+        self.title, self.n_runs = sweep_dir.name, len(runs)
+        self.objective = next(iter(pd.Series([r.config.get("objective") for r in runs], dtype=object).mode()), None)
+        self.metric_cols = metric_columns([Cell({}, list(self.runs["run"]))], self.objective)
+        numbers = {**dict(self.metric_cols), **COSTS}  # column -> metric key
+        values = self.runs.reindex(columns=list(numbers.values())).astype(float).where(self.runs["status"] == "ok")
+        values = values.set_axis(list(numbers), axis=1).groupby(self.runs["cell"])
 
-    @property
-    def show_seeds(self) -> bool:
-        return any(a in SEED_KEYS for a in self.axes) or any(len(c.per_seed) > 1 for c in self.cells)
+        def status(runs: pd.Series) -> str:  # "ok", "failed: <error>", or how many runs are in each state
+            states = [r.status for r in runs]
+            error = next((f": {r.failure.get('error', '')}" for r in runs if r.status == "failed"), "")
+            counts = ", ".join(f"{states.count(s)} {s}" for s in STATUS_RANK if s in states)
+            return (states[0] if len(set(states)) == 1 else counts) + error
+        counts = self.runs.groupby("cell")["run"].agg(Status=status, Runs=lambda rs: " ".join(r.path.name for r in rs),
+                                                      tries="size", Seeds=lambda rs: sum(r.status == "ok" for r in rs))
+        cells = frame.drop_duplicates("cell").set_index("cell").drop(columns=list(numbers), errors="ignore")
+        self.cells = cells.sort_index().join([values.mean(), values.std().add_suffix(" std"), counts]).sort_values(
+            ["baseline", "shots", "Method", "n", "e"], ascending=[False, True, True, True, True])  # stable: by cell
 
-    @property
-    def show_irregular(self) -> bool:
-        return any(c.values_of("eval/irregular") for c in self.cells)
-
-    def headers(self) -> list[str]:
-        h = ["Method", "# training data (epochs)"] + self.extra_axes + [name for name, _ in self.metric_cols]
-        h += ["training loss first→last"]
-        if self.show_irregular:
-            h.append("Irregular output")
-        h += ["Wall time", "Peak memory", "Trainable params"]
-        if self.show_seeds:
-            h.append("Seeds")
-        return h + ["Status"]
-
-    def row(self, cell: Cell) -> list[str]:
-        _, size = training_size(cell)
-        out = [method_label(cell.config, cell.baseline), size]
-        out += [_axis_text(cell.values.get(a)) for a in self.extra_axes]
-        failed = not cell.results
-        for _, key in self.metric_cols:
-            out.append("failed" if failed and cell.status.startswith("failed") else fmt_stat(*cell.stat(key)[:2]))
-        first, last = cell.stat("train/loss_first")[0], cell.stat("train/loss_last")[0]
-        out.append(f"{first:.3f} → {last:.3f}" if first is not None and last is not None else "")
-        if self.show_irregular:
-            counts = cell.values_of("eval/irregular")
-            digits = 0 if all(float(v).is_integer() for v in counts) and len(counts) == 1 else 1
-            out.append(fmt_stat(*cell.stat("eval/irregular")[:2], digits=digits))
-        wall = [r.metrics.get("train/runtime_s", 0.0) + r.metrics.get("eval/runtime_s", 0.0) for r in cell.results]
-        out.append(fmt_seconds(statistics.fmean(wall)) if wall else "")
-        out.append(fmt_mb(cell.stat("train/peak_memory_mb")[0]))
-        out.append(fmt_params(cell.stat("train/trainable_params")[0]))
-        if self.show_seeds:
-            out.append(str(len(cell.results)) + (f"/{len(cell.per_seed)}" if len(cell.results) != len(cell.per_seed) else ""))
-        out.append(cell.status)
-        return out
-
-    def csv_rows(self) -> tuple[list[str], list[list]]:
-        head = ["Method", "# training data", "epochs", "max_steps"] + self.extra_axes
+    def shown(self) -> pd.DataFrame:
+        """The table as results.md and W&B show it: text, with mean ± std where a cell has several seeds."""
+        def stat(mean, std, digits: int = 3) -> str:  # "0.850 ± 0.050", "0.850" for one seed, "" without a value
+            text = "" if pd.isna(mean) else f"{mean:,.0f}" if abs(mean) >= 1000 else f"{mean:.{digits}f}"
+            return text + ("" if pd.isna(mean) or pd.isna(std) else f" ± {std:.{digits}f}")
+        t = self.cells
+        out = t[["Method", "size"]].rename(columns={"size": "# training data (epochs)"})
+        for axis in self.extra_axes:  # a float to 3 significant digits
+            out[axis] = t[axis].map(lambda v: f"{v:.3g}" if isinstance(v, float) else "null" if v is None else str(v))
         for name, _ in self.metric_cols:
-            head += [name, f"{name} std"]
-        head += ["training loss first", "training loss last", "Irregular output", "Wall time (s)",
-                 "Peak memory (MB)", "Trainable params", "Seeds", "Status", "Runs"]
-        rows = []
-        for cell in self.cells:
-            n, _ = training_size(cell)
-            cfg = cell.config
-            row: list[Any] = [method_label(cfg, cell.baseline), n, cfg.get("train.epochs") if not cell.baseline else 0,
-                              cfg.get("train.max_steps") if not cell.baseline else None]
-            row += [cell.values.get(a) for a in self.extra_axes]
-            for _, key in self.metric_cols:
-                mean, std, _ = cell.stat(key)
-                row += [mean, std]
-            wall = [r.metrics.get("train/runtime_s", 0.0) + r.metrics.get("eval/runtime_s", 0.0) for r in cell.results]
-            row += [cell.stat("train/loss_first")[0], cell.stat("train/loss_last")[0], cell.stat("eval/irregular")[0],
-                    statistics.fmean(wall) if wall else None, cell.stat("train/peak_memory_mb")[0],
-                    cell.stat("train/trainable_params")[0], len(cell.results), cell.status,
-                    " ".join(r.path.name for r in cell.per_seed)]
-            rows.append(row)
-        return head, rows
+            out[name] = list(map(stat, t[name], t[f"{name} std"]))
+        out["training loss first→last"] = [f"{a:.3f} → {b:.3f}" if pd.notna(a) and pd.notna(b) else ""
+                                           for a, b in zip(t["training loss first"], t["training loss last"])]
+        if t["Irregular output"].notna().any():  # a whole count for one run, one decimal for a mean
+            out["Irregular output"] = [stat(m, s, int(pd.notna(s)))
+                                       for m, s in zip(t["Irregular output"], t["Irregular output std"])]
+        for column, unit in UNITS.items():  # "Wall time (s)" is shown as "Wall time"
+            out[column.split(" (")[0]] = t[column].map(unit, na_action="ignore").fillna("")
+        if "train.seed" in self.axes or (t["tries"] > 1).any():
+            out["Seeds"] = [f"{k}" if k == n else f"{k}/{n}" for k, n in zip(t["Seeds"], t["tries"])]
+        return out.assign(Status=t["Status"])
 
     def markdown(self) -> str:
-        heads = self.headers()
-        lines = [f"# Results: {self.title}", ""]
-        ok = sum(1 for c in self.cells for r in c.per_seed if r.status == "ok" and not c.baseline)
-        failed = sum(1 for c in self.cells for r in c.per_seed if r.status == "failed" and not c.baseline)
-        sweep_cells = [c for c in self.cells if not c.baseline]
-        lines.append(f"Objective: `{self.objective}` ({self.direction}). {len(sweep_cells)} cell(s) from "
-                     f"{self.n_runs} run folder(s): {ok} finished, {failed} failed"
-                     + (f", {self.n_runs - ok - failed} superseded or incomplete" if self.n_runs - ok - failed else "")
-                     + ".")
-        if self.axes:
-            lines.append(f"Swept: {', '.join(f'`{a}`' for a in self.axes)}.")
-        lines += ["", "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
-        for cell in self.cells:
-            lines.append("| " + " | ".join(v.replace("|", "\\|") for v in self.row(cell)) + " |")
-        lines += ["", "![objective against training-set size](results.png)", ""]
-        problems = [(c, r) for c in self.cells for r in c.per_seed if r.status != "ok"]
-        if problems:
-            lines.append("Runs without results:")
-            for _, run in problems:
-                why = (run.failure or {}).get("error", "no metrics.json (interrupted, or still running)")
-                lines.append(f"- `{run.path.name}`: {run.status}: {why}")
-            lines.append("")
-        return "\n".join(lines)
+        """results.md: the objective, what was swept, how many runs finished or failed, and the table."""
+        shown, sweep = self.shown(), self.runs[~self.runs["baseline"]]
+        ok, failed = (sweep["status"] == "ok").sum(), (sweep["status"] == "failed").sum()
+        rest, direction = self.n_runs - ok - failed, metric_direction(self.objective) if self.objective else "maximize"
+        lines = [f"# Results: {self.title}", "", f"Objective: `{self.objective}` ({direction}). "
+                 f"{sweep['cell'].nunique()} cell(s) from {self.n_runs} run folder(s): {ok} finished, {failed} failed"
+                 + (f", {rest} superseded or incomplete" if rest else "") + "."]
+        lines += [f"Swept: {', '.join(f'`{a}`' for a in self.axes)}."] if self.axes else []
+        lines += ["", "| " + " | ".join(shown.columns) + " |", "|" + "|".join("---" for _ in shown.columns) + "|"]
+        lines += ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in shown.itertuples(index=False)]
+        return "\n".join(lines + ["", "![objective against training-set size](results.png)", ""])
 
-
-def _axis_text(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return "null" if v is None else str(v)
-
-
-def _sort_key(cell: Cell) -> tuple:
-    n, _ = training_size(cell)
-    cfg = cell.config
-    if cell.baseline:  # baselines first: zero-shot, then by number of shots
-        return (False, int(cfg.get("eval.shots") or 0), method_label(cfg, True), 0.0, "")
-    epochs = cfg.get("train.epochs")
-    return (True, method_label(cfg, cell.baseline), n if isinstance(n, (int, float)) else math.inf,
-            epochs if isinstance(epochs, (int, float)) else 0.0, json.dumps(cell.values, sort_keys=True, default=str))
-
-
-def build_table(sweep_dir: Path, baselines: list[Path] = ()) -> Table:
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.exists():
-        raise ReportError(f"{sweep_dir} does not exist. Pass a sweep dir (e.g. outputs/sweeps/<name>).")
-    if not sweep_dir.is_dir():
-        raise ReportError(f"{sweep_dir} is not a directory.")
-    runs = find_runs(sweep_dir)
-    if not runs:
-        raise ReportError(f"No runs under {sweep_dir}: expected run folders holding config.yaml, metrics.json "
-                          "or failed.json (one per trial of a sweep).")
-    fill_partial_configs(runs)
-    axes = swept_axes(runs)
-    cells = group_cells(runs, axes)
-    for base in baselines:
-        base = Path(base)
-        if not base.is_dir():
-            raise ReportError(f"baseline {base} does not exist (give an evaluate.py run dir).")
-        found = [r for r in find_runs(base) if r.metrics is not None]
-        if not found:
-            raise ReportError(f"baseline {base} holds no finished run (no metrics.json).")
-        for run in found:
-            cells.append(Cell(values={}, runs=[run], baseline=True))
-    objectives = [r.config.get("objective") for r in runs if r.config.get("objective")]
-    objective = max(set(objectives), key=objectives.count) if objectives else None
-    from ftexp.sweep import objective_direction
-
-    cells.sort(key=_sort_key)
-    return Table(title=sweep_dir.name, objective=objective,
-                 direction=objective_direction(objective) if objective else "maximize", cells=cells, axes=axes,
-                 metric_cols=metric_columns(cells, objective), n_runs=len(runs))
-
-
-# ----------------------------------------------------------------------------- the plot
-
-
-def plot(table: Table, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = table.objective or (table.metric_cols[0][1] if table.metric_cols else None)
-    sweep = [c for c in table.cells if not c.baseline and c.results]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    axes = set(table.axes)
-    if "train.n" in axes or len({training_size(c)[0] for c in sweep}) > 1:
-        x_of, x_label, logx = (lambda c: training_size(c)[0]), "training examples (n)", True
-        line_keys = [k for k in ("train.epochs", "train.max_steps", "lora.r") if k in axes]
-    elif "lora.r" in axes:
-        x_of, x_label, logx = (lambda c: c.config.get("lora.r")), "LoRA rank r", True
-        line_keys = [k for k in ("train.epochs",) if k in axes]
-    else:
-        numeric = [a for a in table.extra_axes + ["train.epochs"] if a in axes]
-        first = numeric[0] if numeric else None
-        x_of = (lambda c: c.config.get(first)) if first else (lambda c: table.cells.index(c))
-        x_label, logx, line_keys = (first or "cell"), False, []
-    others = [a for a in table.axes if a not in SEED_KEYS and a not in line_keys and a != "train.n"
-              and a not in ("lora.r",) and a in table.extra_axes]
-    line_keys = line_keys + others[:1] if not line_keys else line_keys
-    lines: dict[str, list] = {}
-    for cell in sweep:
-        x = x_of(cell)
-        mean, std, _ = cell.stat(key) if key else (None, None, 0)
-        if x is None or mean is None or not isinstance(x, (int, float)):
-            continue
-        label = ", ".join(f"{k.split('.')[-1]}={_axis_text(cell.config.get(k))}" for k in line_keys) or key
-        lines.setdefault(label, []).append((x, mean, std or 0.0))
-    for label, pts in sorted(lines.items()):
-        pts.sort()
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=label)
-    for cell in table.cells:
-        if cell.baseline and key:
-            mean = cell.stat(key)[0]
-            if mean is not None:
-                ax.axhline(mean, linestyle="--", linewidth=1, color="gray")
-                ax.annotate(method_label(cell.config, True), (0.01, mean), xycoords=("axes fraction", "data"),
-                            fontsize=8, color="gray", va="bottom")
-    if logx and lines:
-        ax.set_xscale("log")
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(key or "objective")
-    ax.set_title(f"{table.title}: {key}")
-    ax.grid(True, alpha=0.3)
-    if lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # concurrent workers finishing together never leave half a file
+    def plot(self, path: Path) -> None:
+        """The objective against training-set size (or LoRA rank), a line per other swept value, baselines dashed."""
+        from matplotlib.figure import Figure
+        name = next((n for n, k in self.metric_cols if k == self.objective or not self.objective), None)
+        t = self.cells.assign(y=self.cells.get(name, math.nan), err=self.cells.get(f"{name} std", 0.0))
+        x = "lora.r" if "lora.r" in self.axes and "train.n" not in self.axes else "# training data"
+        others, sweep = [a for a in self.axes if a not in ("train.n", x, "train.seed")], t[~t["baseline"]]
+        points = sweep.assign(x=pd.to_numeric(sweep[x], errors="coerce"), line=[", ".join(
+            f"{k.removeprefix('train.')}={v}" for k, v in zip(others, row)) or name for row in sweep[others].values])
+        ax = Figure(figsize=(7, 4.5), layout="tight").subplots()
+        for label, line in points.dropna(subset=["x", "y"]).sort_values("x").groupby("line"):  # error bars: seeds
+            line.plot(x="x", y="y", yerr="err", ax=ax, marker="o", capsize=3, label=label, logx=True, grid=True)
+        for method, mean in t.loc[t["baseline"], ["Method", "y"]].dropna().values:
+            ax.axhline(mean, linestyle="--", linewidth=1, color="gray")
+            ax.annotate(method, (0.01, mean), xycoords=("axes fraction", "data"), fontsize=8, color="gray", va="bottom")
+        ax.set(xlabel="LoRA rank r" if x == "lora.r" else "training examples (n)", ylabel=name, title=self.title)
+        ax.figure.savefig(path, dpi=120)
 
 
 def write_report(sweep_dir: Path, baselines: list[Path] = (), out_dir: Path | None = None) -> list[Path]:
-    """Write results.md, results.csv and results.png; return their paths."""
-    table = build_table(Path(sweep_dir), list(baselines))
-    out = Path(out_dir or sweep_dir)
+    """Write results.md, results.csv (the table with plain numbers) and results.png; return their paths."""
+    table, out = Table(Path(sweep_dir), list(baselines)), Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = out / "results.md"
-    _atomic_write(md, table.markdown())
-    head, rows = table.csv_rows()
-    csv_path = out / "results.csv"
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(head)
-        writer.writerows([["" if v is None else v for v in row] for row in rows])
-    tmp.replace(csv_path)
-    png = out / "results.png"
-    tmp_png = out / "results.tmp.png"
-    plot(table, tmp_png)
-    tmp_png.replace(png)
-    return [md, csv_path, png]
+    records.atomic_write(out / "results.md", table.markdown())
+    metrics = [c for name, _ in table.metric_cols for c in (name, f"{name} std")]  # each std beside its mean
+    with records.atomic_path(out / "results.csv") as tmp:
+        table.cells[["Method", "# training data", "epochs", "max_steps", *table.extra_axes, *metrics, *COSTS, "Seeds",
+                     "Status", "Runs"]].to_csv(tmp, index=False, lineterminator="\r\n")
+    with records.atomic_path(out / "results.png") as tmp:
+        table.plot(tmp)
+    return [out / "results.md", out / "results.csv", out / "results.png"]
 
 
 def log_to_wandb(sweep_dir: Path, lcfg) -> None:
     """Log the results table and plot to W&B, in the sweep's group, as a run of its own."""
-    import logging
-
     import wandb
-
-    log = logging.getLogger(__name__)
-    sweep_dir = Path(sweep_dir)
-    table = build_table(sweep_dir)
-    mode = records.wandb_mode(lcfg)
-    run = wandb.init(project=lcfg.project, entity=lcfg.get("entity"), group=lcfg.get("group") or sweep_dir.name,
-                     name=f"{sweep_dir.name} results", job_type="report", dir=str(sweep_dir), mode=mode,
-                     reinit="finish_previous", config={"sweep_dir": sweep_dir.name, "objective": table.objective})
-    run.log({"results": wandb.Table(columns=table.headers(), data=[table.row(c) for c in table.cells])})
-    if (sweep_dir / "results.png").exists():
-        run.log({"results_plot": wandb.Image(str(sweep_dir / "results.png"))})
-    run.finish()
+    table, mode, plot = Table(Path(sweep_dir)), records.wandb_mode(lcfg), Path(sweep_dir) / "results.png"
+    with wandb.init(project=lcfg.project, entity=lcfg.get("entity"), group=lcfg.get("group") or table.title,
+                    name=f"{table.title} results", job_type="report", dir=str(sweep_dir), mode=mode,
+                    reinit="finish_previous", config={"sweep_dir": table.title, "objective": table.objective}) as run:
+        run.log({"results": wandb.Table(dataframe=table.shown()),
+                 **({"results_plot": wandb.Image(str(plot))} if plot.exists() else {})})
     if mode == "offline":
-        log.warning("W&B is offline (no WANDB_API_KEY). Upload the sweep with `wandb sync %s/wandb/offline-run-* "
-                    "%s/*/wandb/offline-run-*`.", sweep_dir, sweep_dir)
+        logging.getLogger(__name__).warning("W&B is offline (no WANDB_API_KEY). Upload the sweep with `wandb sync "
+                                            "%s/wandb/offline-run-* %s/*/wandb/offline-run-*`.", sweep_dir, sweep_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ftexp.report", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    """The command line: write the report and print results.md; exit 2 on input it cannot use."""
+    parser = argparse.ArgumentParser(prog="python -m ftexp.report", description=__doc__.split(":")[0] + ".")
     parser.add_argument("sweep_dir", type=Path, help="a sweep dir (hydra.sweep.dir) or a single run dir")
-    parser.add_argument("--baseline", type=Path, action="append", default=[],
+    parser.add_argument("--baseline", dest="baselines", metavar="DIR", type=Path, action="append", default=[],
                         help="an evaluate.py run dir (zero-/k-shot), or a folder of them; repeatable")
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep dir)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", dest="out_dir", metavar="DIR", type=Path, help="where to write (default: sweep_dir)")
     try:
-        paths = write_report(args.sweep_dir, args.baseline, args.out)
+        paths = write_report(**vars(parser.parse_args(argv)))
     except ReportError as err:
-        print(f"ftexp.report: error: {err}", file=sys.stderr)
-        return 2
-    print((paths[0]).read_text())
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+        parser.error(str(err))  # exits 2
+    print(paths[0].read_text() + "\nwrote " + ", ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
