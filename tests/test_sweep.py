@@ -1,5 +1,5 @@
 """The sweep's building blocks, without training: grid cells, override text, run names,
-liveness of a sweeper process, GPU slots, reuse of finished runs, and the sweep configs in
+metric directions, GPU slots, reuse of finished runs, and the sweep configs in
 sweeps/ as Hydra composes them."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ftexp import records
+from ftexp import records, tasks
+from ftexp.config import ConfigError
 from ftexp import sweep as sw
 from conftest import CONF, ROOT
 
@@ -53,8 +54,16 @@ def test_format_value_round_trips_through_the_override_parser(value):
     assert sw.parse_value(sw.format_value(value)) == value
 
 
-def test_grid_choices_in_override_text_become_values():
-    assert sw.normalize("null") is None and sw.normalize("100") == 100 and sw.normalize(7) == 7
+def test_the_search_space_is_read_from_the_overrides():
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    from hydra_plugins.ftexp_sweeper.ftexp_sweeper import search_space
+
+    space, fixed = search_space(["train.n=100,null", "lora.r=tag(log, int(interval(4, 64)))",
+                                 "train.learning_rate=interval(1e-5, 1e-3)", "train.epochs=range(1,3)", "model=tiny"])
+    assert space["train.n"] == [100, None] and space["train.epochs"] == [1, 2] and fixed == ["model=tiny"]
+    assert space["lora.r"] == IntDistribution(4, 64, log=True)
+    assert space["train.learning_rate"] == FloatDistribution(1e-5, 1e-3)
 
 
 def test_run_and_folder_names_come_from_the_swept_values():
@@ -65,34 +74,30 @@ def test_run_and_folder_names_come_from_the_swept_values():
     assert sw.folder_name(4, {"data.path": "a/b c"}) == "4_path=a-b_c"
 
 
-@pytest.mark.parametrize("objective,direction", [("eval/accuracy", "maximize"), ("eval/rouge1", "maximize"),
-                                                 ("eval/mcrmse", "minimize"), ("train/loss_last", "minimize")])
-def test_direction_follows_the_objective(objective, direction):
-    assert sw.objective_direction(objective) == direction
+@pytest.mark.parametrize("objective,direction", [
+    ("eval/accuracy", "maximize"), ("eval/rouge1", "maximize"), ("eval/mcrmse", "minimize"),
+    ("train/loss_last", "minimize"), ("eval/parse_failure_rate", "minimize"), ("eval/empty_rate", "minimize"),
+    ("eval/too_long_rate", "minimize"), ("eval/likelihood_accuracy", "maximize"), ("eval/rmse_wording", "minimize"),
+    ("judge/consistency", "maximize"), ("judge/unparsed", "minimize")])
+def test_each_metric_declares_its_direction(objective, direction):
+    assert tasks.metric_direction(objective) == direction
 
 
-# ----------------------------------------------------------------------------- liveness and GPUs
+def test_a_misspelt_objective_is_refused_with_the_valid_names():
+    with pytest.raises(ConfigError, match=r"objective=eval/acuracy is not a metric a classification run writes. "
+                                          r"Valid: eval/accuracy, eval/f1"):
+        tasks.check_objective(OmegaConf.create({"objective": "eval/acuracy", "task": {"kind": "classification"}}))
+    with pytest.raises(ConfigError, match="eval/rougeL"):  # another kind's metric
+        tasks.check_objective(OmegaConf.create({"objective": "eval/accuracy", "task": {"kind": "summarization"}}))
 
 
-def test_a_sweeper_process_is_alive_until_it_exits():
-    assert sw.worker_alive(sw.worker_id(), None, stale_after_s=600)
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    me = sw.worker_id(proc.pid)
-    proc.wait()
-    assert not sw.worker_alive(me, None, stale_after_s=600)
-
-
-def test_another_machine_is_alive_while_its_heartbeat_is_fresh():
-    other = "elsewhere/boot|123|456"
-    assert sw.worker_alive(other, heartbeat=1000.0, stale_after_s=60, now=1030.0)
-    assert not sw.worker_alive(other, heartbeat=1000.0, stale_after_s=60, now=1100.0)
-    assert not sw.worker_alive(other, heartbeat=None, stale_after_s=60)
+# ----------------------------------------------------------------------------- GPUs
 
 
 def test_parallel_workers_take_different_gpus_and_keep_them(tmp_path):
-    code = ("import sys, time; from ftexp import sweep; "
-            "print(sweep.pin_worker_gpu(sys.argv[1], int(sys.argv[2])), flush=True); "
-            "print(sweep.pin_worker_gpu(sys.argv[1], 5), flush=True); time.sleep(float(sys.argv[3]))")
+    code = ("import sys, time; from ftexp import distributed; "
+            "print(distributed.pin_worker_gpu(sys.argv[1], int(sys.argv[2])), flush=True); "
+            "print(distributed.pin_worker_gpu(sys.argv[1], 5), flush=True); time.sleep(float(sys.argv[3]))")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "4,6"}
     env.pop("SLURM_JOB_ID", None)
     first = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "0", "3"], env=env, cwd=ROOT,
@@ -126,7 +131,7 @@ def test_failure_record_has_the_error_and_the_traceback(tmp_path):
     try:
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     except RuntimeError as err:
-        records.write_failure(tmp_path, err, out_of_memory=sw.is_out_of_memory(err))
+        records.write_failure(tmp_path, err)
     failure = json.loads((tmp_path / "failed.json").read_text())
     assert failure["status"] == "failed" and failure["out_of_memory"] is True
     assert "CUDA out of memory" in failure["error"] and "Traceback" in failure["traceback"]
@@ -141,7 +146,7 @@ def test_a_config_error_exit_is_explained_by_the_config_error():
         except ConfigError:
             sys.exit(2)
     except SystemExit as exc:
-        line, cause = sw.error_summary(exc)
+        line, cause = records.error_summary(exc)
     assert line == "ConfigError: train.n=0: need at least 1 row" and isinstance(cause, ConfigError)
 
 

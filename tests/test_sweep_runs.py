@@ -13,6 +13,7 @@ import time
 
 import optuna
 import pytest
+from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
 from conftest import ROOT
@@ -82,7 +83,7 @@ def test_a_2x2_grid_writes_the_table_and_a_rerun_runs_nothing(tmp_path):
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     sweep = tmp_path / "killed"
     # three cells; n=0 is refused by the config checks, so it is also the sweep's failed trial
-    axes = ["train.n=16,32,0"]
+    axes = ["train.n=16,32,0", "hydra.sweeper.heartbeat_s=1", "hydra.sweeper.stale_after_s=3"]
     proc = subprocess.Popen(sweep_cmd(sweep, *axes), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -95,18 +96,20 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         proc.wait()
     first = metrics_mtimes(sweep)
     assert list(first) == ["0_n=16"]
+    time.sleep(4)  # the dead sweeper's heartbeat goes stale
 
     done = run_sweep(sweep, *axes, rc=1)  # a failed trial: recorded, reported, and a non-zero exit
     assert "ftexp: error: 1 of" in done.stderr and "Traceback" not in done.stderr
-    # (a trial the kill caught before it was given a cell is released, not counted)
-    ts = [t for t in trials(sweep) if "ftexp:released" not in t.user_attrs]
+    ts = trials(sweep)
+    # an interrupted trial failed and ran again as a new trial in its folder; released ones never ran
+    retried = {RetryFailedTrialCallback.retried_trial_number(t) for t in ts} - {None}
+    ts = [t for t in ts if "ftexp:released" not in t.user_attrs and t.number not in retried]
     complete = sorted(t.user_attrs["train.n"] for t in ts if t.state == TrialState.COMPLETE)
-    assert complete == [16, 32]  # each finished cell once; n=16 was not run again
+    assert complete == [16, 32]  # each finished cell once; n=16 was not trained again
     assert metrics_mtimes(sweep)["0_n=16"] == first["0_n=16"]
     failed = {t.user_attrs["train.n"]: t.user_attrs["ftexp:error"] for t in ts if t.state == TrialState.FAIL}
     assert list(failed) == [0] and "ConfigError" in failed[0] and "train.n=0" in failed[0]
-    # a trial the kill interrupted was taken over as the same trial: one trial and one folder per cell
-    assert len(ts) == 3 and len([p for p in sweep.iterdir() if p.is_dir()]) == 3
+    assert len(ts) == 3 and len([p for p in sweep.iterdir() if p.is_dir()]) == 3  # one folder per cell
     folder = next(p for p in sweep.iterdir() if p.name.endswith("_n=0"))
     assert "train.n=0" in (folder / "failed.json").read_text()
     md = (sweep / "results.md").read_text()
@@ -126,7 +129,7 @@ def test_two_workers_on_one_storage_run_each_cell_once(tmp_path):
     assert len([t for t in ts if t.state == TrialState.COMPLETE]) == 4
     # no cell was trained twice: one run folder (one train_log.jsonl) per cell
     assert len(list(sweep.glob("*/train_log.jsonl"))) == 4
-    workers = {t.system_attrs["ftexp:worker"] for t in ts if t.state == TrialState.COMPLETE}
+    workers = {t.user_attrs["ftexp:worker"] for t in ts if t.state == TrialState.COMPLETE}
     assert len(workers) == 2  # both did a share
 
 

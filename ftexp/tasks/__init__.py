@@ -5,19 +5,46 @@
 
 from __future__ import annotations
 
+import re
+
 from ftexp.config import ConfigError, TASK_KINDS
+from ftexp.tasks.base import JUDGE_METRICS, RUN_METRICS, Metric
+from ftexp.tasks.classification import ClassificationTask
+from ftexp.tasks.qa import QATask
+from ftexp.tasks.scoring import ScoringTask
+from ftexp.tasks.summarization import SummarizationTask
+
+KINDS = {cls.kind: cls for cls in (ClassificationTask, SummarizationTask, QATask, ScoringTask)}
 
 
 def build_task(tcfg, *, tokenizer=None, use_chat_template=None):
-    kind = tcfg.kind
-    if kind == "classification":
-        from ftexp.tasks.classification import ClassificationTask as cls
-    elif kind == "summarization":
-        from ftexp.tasks.summarization import SummarizationTask as cls
-    elif kind == "qa":
-        from ftexp.tasks.qa import QATask as cls
-    elif kind == "scoring":
-        from ftexp.tasks.scoring import ScoringTask as cls
-    else:
-        raise ConfigError(f"task.kind={kind!r}; valid: {', '.join(TASK_KINDS)}")
-    return cls(tcfg, tokenizer=tokenizer, use_chat_template=use_chat_template)
+    if tcfg.kind not in KINDS:
+        raise ConfigError(f"task.kind={tcfg.kind!r}; valid: {', '.join(TASK_KINDS)}")
+    return KINDS[tcfg.kind](tcfg, tokenizer=tokenizer, use_chat_template=use_chat_template)
+
+
+def declared_metrics(kind: str | None = None) -> tuple[Metric, ...]:
+    """The metrics a run of task ``kind`` may write (every kind's when None)."""
+    kinds = [KINDS[kind]] if kind in KINDS else list(KINDS.values())
+    return tuple(m for cls in kinds for m in cls.metrics) + RUN_METRICS + JUDGE_METRICS
+
+
+def metric(name: str, kind: str | None = None) -> Metric:
+    """The declared metric ``name`` (eval/likelihood_accuracy is eval/accuracy scored by
+    likelihood); a ConfigError that lists the valid names when there is none."""
+    base = re.sub(r"^eval/(likelihood|generate)_", "eval/", name)
+    found = next((m for m in declared_metrics(kind) if m.matches(base)), None)
+    if found is None:
+        names = ", ".join(m.name for m in declared_metrics(kind) if not m.name.startswith("judge/"))
+        raise ConfigError(f"objective={name} is not a metric {'a ' + kind + ' run' if kind else 'ftexp'} writes. "
+                          f"Valid: {names}, judge/<criterion> (with a judge).")
+    return found
+
+
+def metric_direction(name: str, kind: str | None = None) -> str:
+    return metric(name, kind).direction
+
+
+def check_objective(cfg) -> None:
+    """Refuse an objective this run's task does not declare, before anything loads."""
+    metric(str(cfg.objective), str(cfg.task.kind))

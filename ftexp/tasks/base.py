@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import string
+from dataclasses import dataclass
 from typing import Any, Sequence
+
+from datasets import Dataset
 
 
 class _Fields(dict):
@@ -52,9 +55,40 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A metrics.json key a run writes, which way is better, and how it is printed.
+    A name ending in ``*`` stands for a family (``eval/rmse_*``: one per scored field)."""
+
+    name: str
+    direction: str = "maximize"  # maximize | minimize
+    fmt: str = ".3f"
+
+    def matches(self, key: str) -> bool:
+        return key == self.name or (self.name.endswith("*") and key.startswith(self.name[:-1]))
+
+
+# What every run writes, whatever its task (training, the model, evaluation's bookkeeping)
+RUN_METRICS = (
+    Metric("train/loss_first", "minimize"), Metric("train/loss_last", "minimize"), Metric("train/loss_mean", "minimize"),
+    Metric("train/runtime_s", "minimize", ".0f"), Metric("train/peak_memory_mb", "minimize", ".0f"),
+    Metric("train/tokens_per_s", "maximize", ".0f"), Metric("train/steps", "maximize", "d"),
+    Metric("train/trainable_params", "minimize", ",d"), Metric("model/weight_memory_mb", "minimize", ".0f"),
+    Metric("eval/runtime_s", "minimize", ".1f"), Metric("eval/n", "maximize", "d"),
+)
+# What an LLM judge writes (ftexp/judge.py): ratings 1-5 per criterion, higher is better
+JUDGE_METRICS = (
+    Metric("judge/unparsed", "minimize", "d"), Metric("judge/failed", "minimize", "d"),
+    Metric("judge/requests", "minimize", "d"), Metric("judge/cache_hits", "maximize", "d"),
+    Metric("judge/*", "maximize", ".2f"),
+)
+
+
 class Task:
     kind = "base"
-    objective_default = "eval/accuracy"
+    # Declared by each task kind, its default objective first. eval/likelihood_<name> and
+    # eval/generate_<name> (eval.method=both) are <name> scored another way.
+    metrics: tuple[Metric, ...] = ()
 
     def __init__(self, tcfg, *, tokenizer=None, use_chat_template: bool | None = None):
         self.cfg = tcfg
@@ -72,6 +106,9 @@ class Task:
 
     def score(self, predictions: Sequence[str], records: Sequence[dict]) -> tuple[dict, list[dict]]:
         raise NotImplementedError
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a tokenizer this task cannot be trained or scored with; any will do unless a kind says."""
 
     # -- text building ----------------------------------------------------------
     def user_text(self, record: dict, shots: Sequence[dict] = ()) -> str:
@@ -115,6 +152,10 @@ class Task:
     def to_prompt_completion(self, record: dict) -> dict:
         prompt = self.prompt(record)
         return {"prompt": prompt, "completion": self.completion(record, after=prompt)}
+
+    def to_records(self, rows) -> Dataset:
+        """The prompt/completion records training reads, one per row of ``rows``."""
+        return Dataset.from_list([self.to_prompt_completion(dict(r)) for r in rows])
 
     def clean_prediction(self, text: str) -> str:
         """Cut the generated text at the first stop string."""

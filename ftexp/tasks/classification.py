@@ -10,7 +10,8 @@ from collections import Counter
 from typing import Sequence
 
 from ftexp.config import ConfigError
-from ftexp.tasks.base import Task
+from ftexp.metrics import classification_scores
+from ftexp.tasks.base import Metric, Task
 
 _WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*", re.UNICODE)
 
@@ -20,9 +21,20 @@ def first_word(text: str) -> str:
     return match.group(0).lower() if match else ""
 
 
+def check_label_word(tokenizer, word: str, ids: list[int]) -> list[int]:
+    """``ids``, the tokens of label word ``word``; refused when there are none or only the
+    unknown token, since such a word can be neither trained nor predicted."""
+    unk = tokenizer.unk_token_id
+    if not ids or (unk is not None and all(i == unk for i in ids)):
+        raise ConfigError(f"task.labels: the word {word!r} tokenizes to nothing with this tokenizer, so it can be "
+                          "neither trained nor predicted. Pick a word made of ordinary characters.")
+    return ids
+
+
 class ClassificationTask(Task):
     kind = "classification"
-    objective_default = "eval/accuracy"
+    metrics = (Metric("eval/accuracy"), Metric("eval/f1"), Metric("eval/irregular", "minimize", "d"),
+               Metric("eval/irregular_rate", "minimize"), Metric("eval/method_agreement"))
 
     def __init__(self, tcfg, **kwargs):
         super().__init__(tcfg, **kwargs)
@@ -31,6 +43,12 @@ class ClassificationTask(Task):
         self.label_keys = list(self.labels)
         self.words = [self.labels[k] for k in self.label_keys]
         self.word_to_index = {w.lower(): i for i, w in enumerate(self.words)}
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a label word ``tokenizer`` encodes to nothing (see ``check_label_word``)."""
+        for key, word in self.labels.items():
+            answer = self.completion({self.cfg.target: key})
+            check_label_word(tokenizer, word, tokenizer(answer, add_special_tokens=False)["input_ids"])
 
     def label_index(self, record: dict) -> int:
         raw = record[self.cfg.target]
@@ -59,8 +77,6 @@ class ClassificationTask(Task):
         return self.score_indices(parsed, gold, predictions)
 
     def score_indices(self, parsed, gold, predictions=None, prefix="eval/") -> tuple[dict, list[dict]]:
-        from ftexp.metrics import classification_scores
-
         metrics = classification_scores(parsed, gold, num_labels=len(self.words), prefix=prefix)
         irregular = [p for p, idx in zip(predictions or [""] * len(parsed), parsed) if idx is None]
         metrics[f"{prefix}irregular"] = len(irregular)

@@ -26,7 +26,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Sequence
 
-from ftexp.tasks.base import Task, fill
+from ftexp.metrics import load_metric
+from ftexp.tasks.base import Metric, Task, fill
 from ftexp.tasks.summarization import reference_texts
 
 REPEAT_N = 3  # word n-gram length for the repetition check
@@ -72,7 +73,10 @@ class TemplateChoice:
 
 class QATask(TemplateChoice, Task):
     kind = "qa"
-    objective_default = "eval/token_f1"
+    metrics = (Metric("eval/token_f1"), Metric("eval/exact_match"),
+               *(Metric(f"eval/{flag}{rate}", "minimize", ".3f" if rate else "d")
+                 for flag in ("empty", "too_long", "repetitive") for rate in ("", "_rate")),
+               Metric("eval/pred_words_mean", "maximize", ".1f"), Metric("eval/ref_words_mean", "maximize", ".1f"))
 
     def references(self, record: dict) -> list[str]:
         return reference_texts(record, [self.cfg.target, *(self.cfg.references or ())])
@@ -81,8 +85,6 @@ class QATask(TemplateChoice, Task):
         return self.references(record)[0]
 
     def score(self, predictions: Sequence[str], records: Sequence[dict]) -> tuple[dict, list[dict]]:
-        from ftexp.metrics import load_metric
-
         refs = [self.references(r) for r in records]
         preds = list(predictions)
         em = load_metric("exact_match").compute(predictions=preds, references=refs, per_example=True)

@@ -31,7 +31,7 @@ import re
 from typing import Sequence
 
 from ftexp.config import ConfigError
-from ftexp.tasks.base import Task
+from ftexp.tasks.base import Metric, Task
 
 _NUMBER = re.compile(r"[ \t]*(?:\*\*|\*|__)?[ \t]*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)(?![\d.])")
 
@@ -69,7 +69,8 @@ def rmse(pairs: Sequence[tuple[float, float]]) -> float | None:
 
 class ScoringTask(Task):
     kind = "scoring"
-    objective_default = "eval/mcrmse"
+    metrics = (Metric("eval/mcrmse", "minimize", ".4f"), Metric("eval/rmse_*", "minimize", ".4f"),
+               Metric("eval/parse_failures", "minimize", "d"), Metric("eval/parse_failure_rate*", "minimize"))
 
     def __init__(self, tcfg, **kwargs):
         super().__init__(tcfg, **kwargs)

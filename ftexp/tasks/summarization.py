@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from ftexp.config import ConfigError
-from ftexp.tasks.base import Task
+from ftexp.metrics import load_metric
+from ftexp.tasks.base import Metric, Task
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -46,7 +47,9 @@ def reference_texts(record: dict, fields: Sequence[str]) -> list[str]:
 
 class SummarizationTask(Task):
     kind = "summarization"
-    objective_default = "eval/rougeL"
+    metrics = (Metric("eval/rougeL", "maximize", ".4f"), Metric("eval/rouge1", "maximize", ".4f"),
+               Metric("eval/rouge2", "maximize", ".4f"), Metric("eval/rougeLsum", "maximize", ".4f"),
+               Metric("eval/empty", "minimize", "d"), Metric("eval/pred_words_mean", "maximize", ".1f"))
 
     def references(self, record: dict) -> list[str]:
         return reference_texts(record, [self.cfg.target, *(self.cfg.references or ())])
@@ -62,8 +65,6 @@ class SummarizationTask(Task):
         return self.references(record)[0]
 
     def score(self, predictions: Sequence[str], records: Sequence[dict]) -> tuple[dict, list[dict]]:
-        from ftexp.metrics import load_metric
-
         refs = [self.references(r) for r in records]
         result = load_metric("rouge").compute(predictions=list(predictions), references=refs,
                                               rouge_types=list(ROUGE_TYPES), use_stemmer=True, per_example=True)

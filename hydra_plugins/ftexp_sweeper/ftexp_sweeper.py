@@ -1,83 +1,314 @@
-"""``hydra/sweeper=ftexp``: hydra-optuna-sweeper made resumable, parallel-safe and reporting.
+"""``hydra/sweeper=ftexp``: Optuna sweeps that stop and start again, shared by several workers.
 
-Extends the stock Optuna sweeper's config; the work happens in ``_impl`` (imported only when a
-sweep starts, so single runs do not pay for Optuna). What it changes, and why, is in ``_impl``'s
-docstring.
+It reads the stock hydra-optuna-sweeper's config but has its own ``sweep()``: the stock one
+(1.4.0rc3) asks for ``n_trials`` *new* trials on every invocation, restarts job numbers (a
+rerun writes into earlier trials' folders), re-samples an exhausted grid and never takes over a
+trial whose process died. Here, on Optuna's and Hydra's public API: grid cells are WAITING
+trials (``enqueue_trial``) that ``ask`` hands to one worker each; a trial whose heartbeat is
+older than ``stale_after_s`` runs again in its folder (``RetryFailedTrialCallback``);
+``n_trials`` counts COMPLETE trials; a failed trial leaves ``failed.json`` and the sweep goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import socket
 import sys
+import threading
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, List, Optional
 
+import optuna
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
-from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
-from omegaconf import DictConfig
-
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+from omegaconf import OmegaConf
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+
+from ftexp import records
+from ftexp import sweep as sw
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # fail_stale_trials
+
+CELL, WORKER, ERROR, RUN_DIR = "ftexp:cell", "ftexp:worker", "ftexp:error", "ftexp:run_dir"  # user attrs
+RELEASED = "ftexp:released"  # a trial this worker asked for and then left (no room, or a duplicate)
+LIVE, COUNTED = (TrialState.WAITING, TrialState.RUNNING), (TrialState.COMPLETE, TrialState.RUNNING)
 
 
 @dataclass
 class FtexpSweeperConf(OptunaSweeperConf):
     _target_: str = "hydra_plugins.ftexp_sweeper.ftexp_sweeper.FtexpSweeper"
-    # maximize | minimize | auto (minimize when the objective names a loss or error, else maximize)
-    direction: Any = "auto"
-    # null = default: an SQLite file optuna.db in the sweep dir. Any SQLAlchemy URL works, e.g.
-    # postgresql://user@host/db to share one study between machines (give them one study_name).
-    storage: Any = None
-    study_name: Optional[str] = None  # null = the sweep dir's name
-    # The budget of finished (COMPLETE) trials, counted over the stored study, earlier runs
-    # included. null = every grid cell (grids), required for tpe/random/... samplers.
-    n_trials: Optional[int] = None
-    # Trials launched per batch; null = the launcher's parallelism (joblib n_jobs,
-    # submitit array_parallelism), else 1.
-    n_jobs: Optional[int] = None
-    # Abort the sweep when the share of failed trials in this invocation exceeds this.
-    # 1.0: never; failed trials are recorded (failed.json, Optuna state FAIL) and the sweep goes on.
-    max_failure_rate: float = 1.0
-    # An explicit list of grid cells, each a string of overrides ("train.n=100 train.epochs=10").
-    # Sweeping a cell's key on the command line re-grids that key (see sweeps/sst2_study.yaml).
-    cells: Optional[List[str]] = None
-    heartbeat_s: float = 60.0  # how often a running trial says it is alive
-    # A running trial of another machine whose heartbeat is older than this is taken as dead
-    # and retried. Trials of this machine are checked by process id at once.
-    stale_after_s: float = 600.0
-    report: bool = True  # write results.md/.csv/.png (ftexp.report) when the sweep ends
-    # evaluate.py output dirs (zero-/k-shot baselines) shown as the report's first rows
-    baselines: Optional[List[str]] = None
+    direction: Any = "auto"  # maximize | minimize | auto (the objective's own direction, ftexp.tasks)
+    storage: Any = None  # null: sqlite optuna.db in the sweep dir; postgresql://... for several machines
+    study_name: Optional[str] = None  # null: the sweep dir's name
+    n_trials: Optional[int] = None  # finished trials the study should hold; null: every grid cell
+    n_jobs: Optional[int] = None  # trials per batch; null: the launcher's parallelism
+    max_failure_rate: float = 1.0  # stop when more of this invocation's trials fail (1.0: never)
+    cells: Optional[List[str]] = None  # explicit grid cells, e.g. ["train.n=100 train.epochs=10"]
+    heartbeat_s: int = 10  # how often a running trial says it is alive
+    stale_after_s: int = 60  # a trial silent this long was interrupted: it runs again
+    report: bool = True  # results.md/.csv/.png when the sweep ends
+    baselines: Optional[List[str]] = None  # evaluate.py output dirs shown first in the report
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="ftexp", node=FtexpSweeperConf, provider="ftexp")
 
 
+class SweepError(RuntimeError):
+    """A sweep that cannot go on as asked (exit 2), or that had failed trials (exit 1)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def search_space(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """(swept key -> its choices, or an Optuna distribution for ``interval``; fixed overrides)."""
+    space, fixed = {}, []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_sweep_override():
+            fixed.append(o.input_line)
+        elif o.is_interval_sweep():
+            iv = o.value()
+            kind = IntDistribution if isinstance(iv.start, int) and isinstance(iv.end, int) else FloatDistribution
+            space[o.get_key_element()] = kind(iv.start, iv.end, log="log" in iv.tags)
+        else:
+            space[o.get_key_element()] = list(o.sweep_iterator())
+    return space, fixed
+
+
 class FtexpSweeper(Sweeper):
     def __init__(self, sampler: Any, **kwargs: Any) -> None:
-        from ._impl import FtexpSweeperImpl
+        self.sampler_cfg, self.opts = sampler, OmegaConf.create(dict(kwargs))
 
-        whitelist = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
-        sampler_cfg = sampler
-
-        def resumed_sampler(n_trials_stored: int) -> Any:
-            """The sampler for a study that already holds trials: seed + their number."""
-            seed = sampler_cfg.get("seed") if hasattr(sampler_cfg, "get") else None
-            if seed is None:
-                return None
-            return instantiate(sampler_cfg, seed=int(seed) + n_trials_stored, _execution_whitelist_=whitelist)
-
-        sampler = instantiate(sampler, _execution_whitelist_=whitelist)
-        self.sweeper = FtexpSweeperImpl(sampler=sampler, sampler_factory=resumed_sampler, **kwargs)
-
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.config, self.sweep_dir = config, Path(str(config.hydra.sweep.dir)).absolute()
+        self.me = f"{socket.gethostname()}:{os.getpid()}"
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context,
+            task_function=sw.TrialFunction(task_function, os.getpid(), str(self.sweep_dir / ".gpu_slots")))
 
     def sweep(self, arguments: list[str]) -> None:
-        from ._impl import SweepError
-
         try:
-            return self.sweeper.sweep(arguments)
+            self._sweep(arguments)
         except SweepError as err:  # a message, not a traceback: the sweep's records are on disk
             print(f"ftexp: error: {err}", file=sys.stderr, flush=True)
             sys.exit(err.exit_code)
+
+    def _sweep(self, arguments: list[str]) -> None:
+        o = self.opts
+        space, self.fixed = search_space([f"{k}={v}" for k, v in (o.params or {}).items()] + list(arguments))
+        grid = str(self.sampler_cfg.get("_target_", "")).endswith("GridSampler") or bool(o.cells)
+        if grid:
+            cells = [sw.parse_cell(c) for c in o.cells or []]
+            for text in [f for f in self.fixed if any(f.split("=")[0] in c for c in cells)]:
+                self.fixed.remove(text)  # a single value for a cell's key: a one-value axis
+                space.update(search_space([text.replace("=", "=choice(", 1) + ")"])[0])
+            if any(not isinstance(v, list) for v in space.values()):
+                raise SweepError("interval() sweeps need a sampler (hydra/sweeper/sampler=tpe); a grid lists values.")
+            cells = sw.expand_grid(space, cells or None)
+        elif o.n_trials is None:
+            raise SweepError("hydra.sweeper.n_trials is needed with a sampler: how many finished trials should "
+                             "the study hold? e.g. hydra.sweeper.n_trials=20")
+        swept = {k.lstrip("+~") for k in ({k for c in cells for k in c} if grid else space)}
+        if any(k.startswith("lora.") for k in swept) and not self.config.lora.get("enabled", True):
+            raise SweepError(f"The sweep varies {sorted(k for k in swept if k.startswith('lora.'))} but "
+                             f"lora={self.config.lora.get('name')} trains no adapters. Add lora=default.")
+        study = self._study(grid)
+        self.failures = self.attempted = 0
+        try:
+            self._run_grid(study, cells) if grid else self._run_sampler(study, space)
+        finally:
+            self._finish(study)
+        if self.failures:
+            raise SweepError(f"{self.failures} of {self.attempted} trials failed in this sweep (the report and "
+                             "failed.json in their folders say why). Rerunning the same command retries them.", 1)
+
+    def _study(self, grid: bool) -> optuna.Study:
+        from ftexp import tasks  # task classes load torch: only when a sweep starts
+
+        o = self.opts
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        url = o.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
+        self.url_shown = make_url(url).render_as_string(hide_password=True)  # no password in logs
+        try:  # a misspelt objective fails here, not after every trial has trained
+            declared = tasks.metric(str(self.config.objective), str(self.config.task.kind))
+        except ValueError as err:
+            raise SweepError(str(err)) from None
+        for attempt in range(6):  # workers starting together race to create the schema
+            try:
+                self.storage = optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                    heartbeat_interval=int(o.heartbeat_s), grace_period=int(o.stale_after_s),
+                    heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2))
+                study = optuna.create_study(study_name=o.study_name or self.sweep_dir.name, storage=self.storage,
+                                            direction=declared.direction if o.direction == "auto" else o.direction,
+                                            load_if_exists=True)
+                break
+            except ModuleNotFoundError as err:  # the database driver is an extra
+                raise SweepError(f"hydra.sweeper.storage={self.url_shown} needs the database driver {err.name}: "
+                                 "pip install -e \".[postgres]\" (or the driver for your database).") from None
+            except Exception as err:
+                if not type(err).__module__.startswith(("sqlalchemy", "optuna")):
+                    raise
+                if attempt == 5:
+                    raise SweepError(f"hydra.sweeper.storage={self.url_shown}: cannot open the study ("
+                                     f"{records.error_summary(err)[0]}). Check the server, database and user.") from None
+                threading.Event().wait(0.2 * (attempt + 1))
+        self.study_id = self.storage.get_study_id_from_name(study.study_name)
+        n_all = len(study.get_trials(deepcopy=False))
+        if not grid:  # a seeded sampler resumed with its first seed would replay its first trials
+            seed = self.sampler_cfg.get("seed")
+            study.sampler = instantiate(self.sampler_cfg, **({"seed": int(seed) + n_all} if seed is not None else {}))
+        log.info("Study %r in %s: %d trial(s) stored", study.study_name, self.url_shown, n_all)
+        return study
+
+    def _ask(self, study: optuna.Study) -> optuna.Trial:
+        trial = study.ask()  # a WAITING trial if there is one (grid cells, interrupted trials)
+        trial.set_user_attr(WORKER, self.me)
+        self.storage.record_heartbeat(self._id_of(trial))
+        return trial
+
+    def _id_of(self, trial: optuna.Trial) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+
+    def _batch(self) -> int:
+        launcher = self.config.hydra.get("launcher") or {}
+        n = self.opts.n_jobs or launcher.get("n_jobs") or launcher.get("array_parallelism") or 1
+        return (os.cpu_count() or 1) if n < 0 else int(n)
+
+    def _run_grid(self, study: optuna.Study, cells: list[dict]) -> None:
+        by_key = {json.dumps(c, sort_keys=True, default=str): c for c in cells}  # a cell's identity
+        budget = len(cells) if self.opts.n_trials is None else min(int(self.opts.n_trials), len(cells))
+        tried: set[str] = set()
+        while True:
+            optuna.storages.fail_stale_trials(study)  # a dead sweeper's trials run again
+            trials = study.get_trials(deepcopy=False)
+            done = {t.user_attrs.get(CELL) for t in trials if t.state == TrialState.COMPLETE} & by_key.keys()
+            held = {t.user_attrs.get(CELL) for t in trials if t.state in LIVE} & by_key.keys()
+            for key in [k for k in by_key if k not in done | held | tried][:max(budget - len(done | held), 0)]:
+                study.enqueue_trial({}, user_attrs={CELL: key, **by_key[key]})
+            jobs = []
+            while len(jobs) < self._batch() and len(done) + len(jobs) < budget and any(
+                    t.user_attrs.get(CELL) in by_key.keys() - tried
+                    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
+                trial = self._ask(study)
+                key = trial.user_attrs.get(CELL)
+                twins = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(CELL) == key and (
+                    t.state == TrialState.COMPLETE or (t.state in LIVE and t.number < trial.number))]
+                if key not in by_key or key in tried or twins:
+                    trial.set_user_attr(RELEASED, "its cell is run by another trial")
+                    study.tell(trial, state=TrialState.PRUNED)
+                else:
+                    tried.add(key)
+                    jobs.append((trial, by_key[key]))
+            if not jobs:
+                return log.info("Grid of %d cell(s): %d finished%s.", len(cells), len(done),
+                                f", {len(held)} running in other workers" if held else "")
+            self._launch(study, jobs)
+
+    def _run_sampler(self, study: optuna.Study, space: dict) -> None:
+        budget = int(self.opts.n_trials)
+        while self.failures < max(budget, 1):
+            optuna.storages.fail_stale_trials(study)
+            room = budget - sum(t.state in COUNTED for t in study.get_trials(deepcopy=False))
+            jobs = []
+            for _ in range(min(self._batch(), room)):
+                trial = self._ask(study)
+                if sum(t.number < trial.number and t.state in COUNTED for t in study.get_trials(deepcopy=False)) \
+                        >= budget:
+                    trial.set_user_attr(RELEASED, f"the budget n_trials={budget} was used up by other workers")
+                    study.tell(trial, state=TrialState.PRUNED)
+                    break
+                jobs.append((trial, {k: trial.suggest_categorical(k, d) if isinstance(d, list) else
+                                     (trial.suggest_int if isinstance(d, IntDistribution) else trial.suggest_float)(
+                                         k, d.low, d.high, log=d.log) for k, d in space.items()}))
+            if not jobs:
+                return log.info("Study holds %d finished trial(s) (n_trials=%d).", budget - room, budget)
+            self._launch(study, jobs)
+
+    def _launch(self, study: optuna.Study, jobs: list[tuple[optuna.Trial, dict]]) -> None:
+        batch = []
+        for trial, values in jobs:
+            folder = trial.user_attrs.get(RUN_DIR)  # an interrupted trial goes on in its own folder
+            if folder is None:
+                folder = base = sw.folder_name(trial.number, values)
+                while (self.sweep_dir / folder).exists():  # the study was deleted, its folders were not
+                    folder = f"{base}-{len(folder) - len(base) + 1}"
+            for key, value in {**values, RUN_DIR: folder}.items():
+                trial.set_user_attr(key, value)
+            overrides = [f"{k}={sw.format_value(v)}" for k, v in values.items()] + self.fixed
+            log.info("Trial %d -> %s: %s", trial.number, folder, " ".join(overrides[:len(values)]))
+            batch.append((trial, values, overrides + [f"run_name={sw.format_value(sw.run_name(values) or folder)}",
+                                                      f"hydra.sweep.subdir={sw.format_value(folder)}"]))
+        stop = threading.Event()
+        threading.Thread(target=self._heartbeat, args=([self._id_of(t) for t, _, _ in batch], stop),
+                         daemon=True).start()
+        try:
+            returns = self.launcher.launch([o for _, _, o in batch], initial_job_idx=batch[0][0].number)
+        except Exception as err:  # the launcher itself broke (e.g. a worker process was killed)
+            returns = [err] * len(batch)
+        finally:
+            stop.set()
+        for (trial, values, _), ret in zip(batch, returns):
+            self.attempted += 1
+            try:
+                if isinstance(ret, Exception):
+                    raise ret
+                study.tell(trial, float(ret.return_value))  # a failed job's return_value raises its error
+            except Exception as err:  # noqa: BLE001 - recorded as the trial's failure
+                self._fail(study, trial, err, values)
+        if self.failures / max(self.attempted, 1) > self.opts.max_failure_rate:
+            raise SweepError(f"{self.failures} of {self.attempted} trials failed, more than max_failure_rate="
+                             f"{self.opts.max_failure_rate}. See failed.json in their run folders.", 1)
+
+    def _heartbeat(self, trial_ids: list[int], stop: threading.Event) -> None:
+        while not stop.wait(float(self.opts.heartbeat_s)):
+            for trial_id in trial_ids:
+                with contextlib.suppress(Exception):  # a busy database: the next beat will do
+                    self.storage.record_heartbeat(trial_id)
+
+    def _fail(self, study: optuna.Study, trial: optuna.Trial, err: BaseException, values: dict) -> None:
+        self.failures += 1
+        error = str(err) if isinstance(err, sw.TrialFailed) else records.error_summary(err)[0]
+        trial.set_user_attr(ERROR, error)
+        folder = self.sweep_dir / trial.user_attrs[RUN_DIR]
+        if not (folder / "failed.json").exists():  # the job never ran far enough to record itself
+            records.write_failure(folder, err, values=values)
+        study.tell(trial, state=TrialState.FAIL)
+        log.warning("Trial %d failed: %s (recorded; the sweep goes on)", trial.number, error)
+
+    def _finish(self, study: optuna.Study) -> None:
+        from ftexp import report  # pandas and matplotlib: only when a sweep ends
+
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        failed = sum(ERROR in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        summary = {"name": "ftexp", "study_name": study.study_name, "storage": self.url_shown,
+                   "n_complete": len(complete), "n_failed": failed}
+        if complete:
+            best = study.best_trial
+            summary.update(best_params={k: v for k, v in best.user_attrs.items() if not k.startswith("ftexp:")},
+                           best_value=best.value, best_run_dir=best.user_attrs.get(RUN_DIR))
+        OmegaConf.save(OmegaConf.create(summary), self.sweep_dir / "optimization_results.yaml")
+        log.info("Sweep %s: %d finished, %d failed trial(s) in the study; this invocation ran %d, %d failed.",
+                 self.sweep_dir, len(complete), failed, self.attempted, self.failures)
+        if self.opts.report:
+            try:  # the runs are safe on disk whatever happens here; the report can be rerun by hand
+                paths = report.write_report(self.sweep_dir, [Path(str(b)) for b in self.opts.baselines or []])
+                log.info("Results: %s", ", ".join(str(p) for p in paths))
+                if self.config.get("logger") and self.config.logger.get("name") == "wandb":
+                    report.log_to_wandb(self.sweep_dir, self.config.logger)
+            except Exception as err:
+                log.error("Could not write the report (%s). Run `python -m ftexp.report %s`.", err, self.sweep_dir)
