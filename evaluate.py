@@ -47,7 +47,8 @@ def _refuse_writing_into_the_run(argv: list[str]) -> None:
 
 @hydra.main(config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from ftexp.recipes import eval_config, evaluate_only
+    from ftexp.evaluation import eval_config
+    from ftexp.recipes import evaluate_only
 
     def evaluate_and_pick(cfg: DictConfig) -> float:
         metrics = evaluate_only(cfg)

@@ -1,10 +1,14 @@
 """What the entry scripts share: turning expected failures into one clear line and
-a non-zero exit, and picking the objective out of the metrics for a sweeper."""
+a non-zero exit, picking the objective out of the metrics for a sweeper, and
+reading which settings the command line gave."""
 
 from __future__ import annotations
 
 import logging
 import sys
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from ftexp.config import ConfigError
 from ftexp.distributed import is_main
@@ -34,3 +38,11 @@ def objective_value(metrics: dict, objective: str) -> float:
         numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
         raise ConfigError(f"objective={objective!r} is not in this run's metrics. Available: {numeric}")
     return float(metrics[objective])
+
+
+def command_line_keys() -> list[str]:
+    """Config keys (or groups) set on the command line of a Hydra app; [] outside one."""
+    if not HydraConfig.initialized():
+        return []
+    parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return [o.key_or_group for o in parsed]

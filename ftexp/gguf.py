@@ -18,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 
+from ftexp.cache import locked
 from ftexp.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -145,10 +147,6 @@ def plain_copy(mcfg, cache_dir: str | None, fallback: Path, dtype) -> Path:
     check_file(file)
     dtype_name = str(dtype).replace("torch.", "")
     if cache_dir:
-        import os
-
-        from ftexp.cache import locked
-
         out = Path(os.path.expanduser(str(cache_dir))) / "gguf" / f"{file_hash(file)[:24]}-{dtype_name}"
         with locked(out.with_suffix(".lock")):  # parallel sweep workers convert once
             if not (out / DONE).exists():

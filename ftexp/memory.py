@@ -13,22 +13,29 @@ With a GPU that cannot hold the weights the run is refused before anything loads
 on a CPU a shortfall is only a warning (the OS may page). The estimate and, after
 loading, the measured footprint go to metrics.json as ``model/weight_memory_est_mb``
 and ``model/weight_memory_mb``; the training peak is ``train/peak_memory_mb``.
+
+That peak is the run's own, also when a sweep runs many trainings in one process:
+on a GPU the CUDA allocator's peak, on a Linux CPU the kernel's resident-set
+high-water mark (VmHWM), each reset when training starts.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
+from ftexp import architecture
 from ftexp.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 MB = 2**20
-DTYPE_BITS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16}
 
 
 def quantized_bits(qcfg) -> float:
@@ -55,29 +62,20 @@ class ParamSplit:
 
 def split_of(model) -> ParamSplit:
     """Count a (meta-device) model's parameters the way bitsandbytes quantizes them."""
-    from ftexp.modeling import linear_kinds
-
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = architecture.output_head(model)
+    kinds = architecture.linear_kinds()
     # modules the model keeps in full precision are never quantized (T5's "wo")
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     quantizable = rows = 0
     for name, module in model.named_modules():
-        if not isinstance(module, linear_kinds()) or module is head:
+        if not isinstance(module, kinds) or module is head:
             continue
         if any(k in name.split(".") or name.endswith(k) for k in keep):
             continue
         quantizable += module.weight.numel()
         rows += module.weight.shape[0]
-    total = sum(p.numel() for p in model.parameters())
-    return ParamSplit(total=total, quantizable=quantizable, rows=rows)
-
-
-def checkpoint_dtype(config) -> torch.dtype | None:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if dtype in DTYPE_BITS else None
+    return ParamSplit(total=architecture.parameter_count(model), quantizable=quantizable, rows=rows)
 
 
 def param_split(mcfg, base_path: str) -> ParamSplit | None:
@@ -87,20 +85,18 @@ def param_split(mcfg, base_path: str) -> ParamSplit | None:
     checkpoint's config.json (a local folder, or the Hub), else model.num_params
     alone. None when nothing tells the size.
     """
-    from ftexp import presets
-
     config = None
     try:
         if mcfg.preset_config:
-            config = presets.load_config(mcfg.preset_config)
-            model = presets.preset_meta_model(mcfg.preset_config)
+            config = architecture.load_config(mcfg.preset_config)
+            model = architecture.preset_meta_model(mcfg.preset_config)
         else:
             from transformers import AutoConfig
 
             local = Path(base_path).is_dir()
             if local or mcfg.num_params is None:
                 config = AutoConfig.from_pretrained(base_path, trust_remote_code=mcfg.trust_remote_code)
-                model = presets.meta_model(config)
+                model = architecture.meta_model(config)
             else:
                 model = None
     except Exception as err:  # an unreadable config must not stop a run the loader may still manage
@@ -109,7 +105,7 @@ def param_split(mcfg, base_path: str) -> ParamSplit | None:
         model = None
     if model is not None:
         split = split_of(model)
-        split.checkpoint_dtype = checkpoint_dtype(config)
+        split.checkpoint_dtype = architecture.checkpoint_dtype(config)
         return split
     if mcfg.num_params:
         return ParamSplit(total=int(mcfg.num_params), quantizable=int(mcfg.num_params), rows=0, exact=False)
@@ -120,7 +116,7 @@ def estimate_mb(split: ParamSplit, qcfg, dtype) -> float:
     """Weight memory in MiB for ``split`` loaded with ``qcfg`` in ``dtype``."""
     if dtype == "auto":
         dtype = split.checkpoint_dtype or torch.float32
-    other_bits = DTYPE_BITS.get(dtype, 32)
+    other_bits = torch.finfo(dtype).bits
     if qcfg.name == "none":
         bits = split.total * other_bits
     else:
@@ -155,13 +151,11 @@ def check(mcfg, qcfg, base_path: str, device: str) -> dict:
 
     Returns ``model/*`` metrics for metrics.json (empty when the size is unknown).
     """
-    from ftexp.modeling import load_dtype
-
     split = param_split(mcfg, base_path)
     if split is None:
         log.warning("memory check skipped: set model.num_params or model.preset_config for model=%s", mcfg.name)
         return {}
-    dtype = load_dtype(mcfg, qcfg, device)
+    dtype = architecture.load_dtype(mcfg, qcfg, device)
     est = estimate_mb(split, qcfg, dtype)
     what = _describe(mcfg, qcfg, split, dtype)
     if device == "cuda":
@@ -169,8 +163,6 @@ def check(mcfg, qcfg, base_path: str, device: str) -> dict:
         if est > free:
             smaller = ""
             if qcfg.name != "nf4":
-                from omegaconf import OmegaConf
-
                 nf4 = OmegaConf.create({"name": "nf4", "bnb_4bit_use_double_quant": True})
                 smaller = f" quant=nf4 would need ~{estimate_mb(split, nf4, torch.bfloat16):,.0f} MB."
             raise ConfigError(
@@ -191,3 +183,31 @@ def check(mcfg, qcfg, base_path: str, device: str) -> dict:
 def measured_mb(model) -> float:
     """Memory the loaded weights (and buffers) actually take, in MiB."""
     return model.get_memory_footprint() / MB
+
+
+CLEAR_REFS, STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+
+
+def reset_peak(device: str) -> None:
+    """Start measuring this process's peak memory afresh (see ``peak_mb``)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        CLEAR_REFS.write_text("5")  # Linux: VmHWM restarts from the current resident set
+    except OSError:
+        log.warning("train/peak_memory_mb: this system cannot reset the peak resident memory, so it is the "
+                    "process's peak so far (in a sweep run in one process, the largest run's).")
+
+
+def peak_mb(device: str) -> float:
+    """Peak memory since ``reset_peak``, in MiB: the tensors the CUDA allocator held on a GPU,
+    the resident set (VmHWM) on a Linux CPU, else the process's lifetime peak (ru_maxrss)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / MB
+    try:
+        hwm = next(line for line in STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) / 1024  # kB
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / MB if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere

@@ -1,6 +1,7 @@
 """Model and tokenizer loading: Hub ids or local directories through the Auto
-classes, bitsandbytes quantization, LoRA adapters through peft, and the offline
-tiny models. Small factories turn config nodes into library objects.
+classes, GGUF checkpoints, bitsandbytes quantization, LoRA adapters through peft,
+the offline tiny models, and the models a run trained. Small factories turn config
+nodes into library objects.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from ftexp import tiny
+from ftexp import architecture, gguf, tiny
 from ftexp.config import ConfigError
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(choice: str = "auto") -> str:
@@ -27,20 +27,6 @@ def pick_device(choice: str = "auto") -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible. Use device=auto or device=cpu.")
     return choice
-
-
-def _dtype(name: str, key: str = "model.dtype"):
-    if name == "auto":
-        return "auto"
-    if name not in DTYPES:
-        raise ConfigError(f"{key}={name!r}; valid: auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def gguf_dtype(mcfg):
-    """The dtype a GGUF checkpoint is dequantized to: model.dtype, float32 for auto."""
-    dtype = _dtype(mcfg.dtype)
-    return torch.float32 if dtype == "auto" else dtype
 
 
 def quantization_config(qcfg):
@@ -55,8 +41,10 @@ def quantization_config(qcfg):
         load_in_4bit=True,
         bnb_4bit_quant_type=qcfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=qcfg.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=_dtype(qcfg.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype"),
-        **({"bnb_4bit_quant_storage": _dtype(qcfg.bnb_4bit_quant_storage, "quant.bnb_4bit_quant_storage")}
+        bnb_4bit_compute_dtype=architecture.parse_dtype(qcfg.bnb_4bit_compute_dtype,
+                                                        "quant.bnb_4bit_compute_dtype"),
+        **({"bnb_4bit_quant_storage": architecture.parse_dtype(qcfg.bnb_4bit_quant_storage,
+                                                               "quant.bnb_4bit_quant_storage")}
            if qcfg.get("bnb_4bit_quant_storage") else {}),
     )
 
@@ -94,8 +82,6 @@ TINY_MADE_BY = "ftexp_made_by.json"
 
 def tiny_recipe(mcfg, seed: int) -> dict:
     """What a tiny base model is made from (with the run's texts, fixed by the config)."""
-    from omegaconf import OmegaConf
-
     return {"tiny": OmegaConf.to_container(mcfg.tiny, resolve=True), "arch": mcfg.arch, "seed": seed}
 
 
@@ -191,27 +177,9 @@ def checkpoint_config(path: str, mcfg):
                 f"model.name_or_path={path}: transformers cannot read its config ({err}). Set "
                 "model.trust_remote_code=true if you trust the repository's code, or give model.preset_config."
             ) from err
-        from ftexp import presets
-
         log.info("%s: config not readable by transformers (%s); using the architecture in ftexp/presets/%s",
                  path, str(err).splitlines()[0], mcfg.preset_config)
-        return presets.load_config(mcfg.preset_config)
-
-
-def load_dtype(mcfg, qcfg, device: str):
-    """The dtype weights are loaded in (what is not quantized stays in it).
-
-    nf4 computes in ``quant.bnb_4bit_compute_dtype``; int8 on a CPU keeps the rest
-    in float32; float16 on a CPU becomes float32. "auto" = the checkpoint's dtype.
-    """
-    dtype = _dtype(mcfg.dtype)
-    if qcfg.name == "nf4":
-        dtype = _dtype(qcfg.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype")
-    elif qcfg.name == "int8" and device == "cpu" and dtype == "auto":
-        dtype = torch.float32
-    if device == "cpu" and dtype == torch.float16:
-        dtype = torch.float32
-    return dtype
+        return architecture.load_config(mcfg.preset_config)
 
 
 def load_model(path: str, mcfg, qcfg, device: str):
@@ -226,10 +194,10 @@ def load_model(path: str, mcfg, qcfg, device: str):
         kwargs["quantization_config"] = bnb
         # each process of a torchrun / accelerate launch puts its quantized copy on its own GPU
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if device == "cuda" else {"": "cpu"}
-    requested = load_dtype(mcfg, qcfg, "cuda")  # what was asked for, before the CPU fallback
+    requested = architecture.load_dtype(mcfg, qcfg, "cuda")  # what was asked for, before the CPU fallback
     if device == "cpu" and requested == torch.float16:
         log.warning("float16 is slow or unsupported on CPU; loading in float32 instead")
-    kwargs["dtype"] = load_dtype(mcfg, qcfg, device)
+    kwargs["dtype"] = architecture.load_dtype(mcfg, qcfg, device)
     try:
         config = checkpoint_config(path, mcfg)
         if config is not None:
@@ -248,26 +216,39 @@ def load_model(path: str, mcfg, qcfg, device: str):
     return model
 
 
-def linear_kinds() -> tuple[type, ...]:
-    """Module classes that count as linear layers: torch's and bitsandbytes' 8/4-bit ones."""
-    kinds = [torch.nn.Linear]
-    try:
-        import bitsandbytes as bnb
-        kinds += [bnb.nn.Linear8bitLt, bnb.nn.Linear4bit]
-    except ImportError:  # bitsandbytes is optional for unquantized runs
-        pass
-    return tuple(kinds)
+def base_model_path(cfg, pool, run_dir: Path) -> str:
+    """Where the base model loads from: the Hub id or folder as given, the plain copy
+    of a GGUF checkpoint, or the tiny model built for this run (``base_model/``, its
+    tokenizer trained on ``pool``, the train split)."""
+    if gguf.is_gguf(cfg.model):
+        dtype = architecture.gguf_dtype(cfg.model)
+        return str(gguf.plain_copy(cfg.model, cfg.cache_dir, run_dir / "base_model", dtype))
+    if cfg.model.name_or_path != "tiny":
+        return cfg.model.name_or_path
+    out = run_dir / "base_model"
+    if not tiny_is_current(out, cfg.model, cfg.train.seed):  # missing, partial or made otherwise
+        build_tiny(cfg.model, tiny.corpus(cfg, pool), cfg.train.seed, out)
+    return str(out)
 
 
-def output_head_name(model) -> str | None:
-    """Last path component of the output projection (lm_head, embed_out, ...), if any."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return None
-    for name, module in model.named_modules():
-        if module is head:
-            return name.split(".")[-1]
-    return None
+def load_trained(cfg, trained: Path, device: str):
+    """(model, tokenizer) of a trained run: base model + adapter/, or model/ for a full fine-tune."""
+    if cfg.lora.enabled:
+        from peft import PeftModel
+
+        adapter = trained / "adapter"
+        if not (adapter / "adapter_config.json").exists():
+            raise ConfigError(f"run={trained}: no adapter/ (was it trained with train.save_model=false?).")
+        if cfg.model.name_or_path == "tiny" and not (trained / "base_model" / "config.json").exists():
+            raise ConfigError(f"run={trained}: the tiny base model (base_model/) is missing from the run.")
+        base = str(trained / "base_model") if cfg.model.name_or_path == "tiny" else base_model_path(cfg, None, trained)
+        tokenizer = load_tokenizer(str(adapter), cfg.model)
+        model = PeftModel.from_pretrained(load_model(base, cfg.model, cfg.quant, device), str(adapter))
+        return model, tokenizer
+    full = trained / "model"
+    if not (full / "config.json").exists():
+        raise ConfigError(f"run={trained}: no model/ (a full fine-tune saves one unless train.save_model=false).")
+    return load_model(str(full), cfg.model, cfg.quant, device), load_tokenizer(str(full), cfg.model)
 
 
 def find_linear_targets(model, include_lm_head: bool = False) -> list[str]:
@@ -277,8 +258,8 @@ def find_linear_targets(model, include_lm_head: bool = False) -> list[str]:
     torch Linear (and subclasses such as FalconLinear), bitsandbytes Linear8bitLt
     and Linear4bit all count. The output head is left out unless asked for.
     """
-    kinds = linear_kinds()
-    head = output_head_name(model)
+    kinds = architecture.linear_kinds()
+    head = architecture.output_head_name(model)
     names = {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, kinds)}
     if head is not None and not include_lm_head:
         names.discard(head)
@@ -294,7 +275,7 @@ _ALIASES = {"q_proj": ("q", "query"), "k_proj": ("k", "key"), "v_proj": ("v", "v
 def resolve_targets(lcfg, model) -> list[str]:
     """lora.target_modules (+ lm_head when lora.include_lm_head) as module names of ``model``."""
     linear = find_linear_targets(model, include_lm_head=True)
-    head = output_head_name(model)
+    head = architecture.output_head_name(model)
     targets = lcfg.target_modules
     if isinstance(targets, str):
         if targets != "all-linear":
@@ -352,13 +333,8 @@ def attach_adapters(model, lcfg, qcfg, gradient_checkpointing: bool = False):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameters; 4-bit weights count as their unpacked size."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            n *= 2
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
+    """(trainable, total) parameters, 4-bit weights at their unpacked size: peft's count for an
+    adapted model, transformers' otherwise."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    return model.num_parameters(only_trainable=True), model.num_parameters()

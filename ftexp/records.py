@@ -13,9 +13,13 @@ import math
 import os
 import re
 import socket
+import traceback
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ftexp.config import ConfigError
@@ -47,11 +51,34 @@ def scrub(obj):
 
 
 def config_dict(cfg: DictConfig) -> dict:
-    return scrub(OmegaConf.to_container(cfg, resolve=True))
+    """The resolved config as plain data: fixed-choice settings become their strings."""
+    return scrub(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
     OmegaConf.save(OmegaConf.create(config_dict(cfg)), run_dir / "config.yaml")
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside ``path`` to write to. When the block ends without an error it replaces
+    ``path`` in one step, so a reader, or another process writing the same file, never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # same suffix: same format
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write text (UTF-8) or bytes to ``path`` in one step."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
 
 
 def _plain(v):
@@ -61,10 +88,8 @@ def _plain(v):
 
 
 def write_metrics(metrics: dict, run_dir: Path, name: str = "metrics.json") -> None:
-    path = run_dir / name
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({k: _plain(v) for k, v in metrics.items()}, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    text = json.dumps({k: _plain(v) for k, v in metrics.items()}, indent=2, sort_keys=True) + "\n"
+    atomic_write(run_dir / name, text)
 
 
 def read_metrics(run_dir: Path) -> dict | None:
@@ -74,26 +99,30 @@ def read_metrics(run_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def write_failure(run_dir: Path, exc: BaseException, summary: str | None = None,
-                  out_of_memory: bool = False, values: dict | None = None) -> None:
-    """``failed.json``: why a run stopped (a sweep records it and goes on; the report shows it)."""
-    import traceback
+def error_summary(exc: BaseException) -> tuple[str, BaseException]:
+    """(one line, the exception that explains it). ``sys.exit(2)`` from a ConfigError is
+    explained by the ConfigError it was raised in."""
+    cause = exc.__context__ if isinstance(exc, SystemExit) and exc.__context__ is not None else exc
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    if isinstance(exc, SystemExit) and cause is exc:
+        text = f"exit code {exc.code}"
+    return (f"{type(cause).__name__}: {text}" if text else type(cause).__name__)[:500], cause
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = {
-        "status": "failed",
-        "error": summary or f"{type(exc).__name__}: {exc}",
-        "error_type": type(exc).__name__,
-        "out_of_memory": out_of_memory,
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:],
-    }
-    if values:  # the swept values of a run that never composed a config.yaml: the report places it by them
-        record["values"] = {k: v for k, v in values.items()}
-    path = run_dir / "failed.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+
+def write_failure(run_dir: Path, exc: BaseException, values: dict | None = None) -> str:
+    """``failed.json``: why a run stopped (a sweep records it and goes on; the report shows it).
+    ``values``: the swept values of a run that never composed a config (the report places it by
+    them). Returns the error's one-line summary."""
+    line, cause = error_summary(exc)
+    record = {"status": "failed", "error": line, "error_type": type(cause).__name__,
+              "out_of_memory": type(cause).__name__ in ("OutOfMemoryError", "MemoryError")
+              or "out of memory" in str(cause).lower(),
+              "traceback": "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))[-20000:]}
+    if values:
+        record["values"] = dict(values)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(run_dir) / "failed.json", json.dumps(record, indent=2) + "\n")
+    return line
 
 
 def read_failure(run_dir: Path) -> dict | None:
@@ -180,6 +209,13 @@ def _short(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """The folder a run writes to, made if missing: output_dir, else Hydra's run directory."""
+    path = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 LOCK = ".ftexp.lock"
 
 
@@ -218,19 +254,46 @@ def write_predictions(rows: list[dict], run_dir: Path) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def result_row(metrics: dict, objective: str, criteria=()) -> str:
+    """The line a finished run prints: its scores, the judge's ratings of ``criteria``,
+    the loss, irregular outputs and the time taken."""
+    parts = []
+    if "eval/accuracy" in metrics:
+        parts.append(f"accuracy {metrics['eval/accuracy']:.3f}  F1 {metrics.get('eval/f1', float('nan')):.3f}")
+    for key in ("eval/rouge1", "eval/rougeL", "eval/exact_match", "eval/mcrmse"):
+        if metrics.get(key) is not None:  # null when nothing parsed (e.g. mcrmse)
+            parts.append(f"{key.split('/')[1]} {metrics[key]:.4f}")
+    if objective in metrics and not any(objective.split("/")[-1].lower() in p.lower() for p in parts):
+        parts.append(f"{objective} {metrics[objective]}")
+    if "judge/n" in metrics:
+        rated = [c for c in criteria if f"judge/{c}" in metrics]
+        parts.append("judge " + " ".join(f"{c} {metrics[f'judge/{c}']:.2f}" for c in rated))
+        if "judge/control_gap_consistency" in metrics:
+            lo, hi = metrics["judge/control_gap_consistency_lo"], metrics["judge/control_gap_consistency_hi"]
+            flag = "" if lo > 0 else " JUDGE CANNOT TELL A TRUE SUMMARY FROM A WRONG ONE"
+            parts.append(f"consistency gap {metrics['judge/control_gap_consistency']:+.2f} [{lo:+.2f}, {hi:+.2f}]{flag}")
+        lost = "".join(f", {metrics[f'judge/{k}']} {k}" for k in ("unparsed", "failed") if metrics.get(f"judge/{k}"))
+        parts.append(f"judge calls {metrics['judge/requests']} (cache {metrics['judge/cache_hits']}{lost})")
+    if "train/loss_first" in metrics:
+        parts.append(f"loss {metrics['train/loss_first']:.3f}->{metrics['train/loss_last']:.3f}")
+    if "eval/irregular" in metrics:
+        top = metrics.get("eval/irregular_top") or ""
+        parts.append(f"irregular {metrics['eval/irregular']}" + (f" [{top}]" if top else ""))
+    total = metrics.get("train/runtime_s", 0.0) + metrics.get("eval/runtime_s", 0.0)
+    parts.append(f"time {total:.1f}s (eval n={metrics.get('eval/n')})")
+    return " | ".join(parts)
+
+
 def wandb_mode(lcfg) -> str:
     """logger.mode, or online with WANDB_API_KEY in the environment and offline without."""
     if lcfg.get("mode"):
-        return lcfg.mode
+        return str(lcfg.mode)
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 def sweep_context() -> dict:
     """In a Hydra multirun job: {"group": the sweep dir's name, "name": this job's overrides}."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         hc = HydraConfig.get()
         if hc.mode != RunMode.MULTIRUN:
             return {}
@@ -253,8 +316,6 @@ class Tracker:
         self.lcfg = lcfg
         if lcfg.name == "none":
             return
-        if lcfg.name != "wandb":
-            raise ValueError(f"logger={lcfg.name}; valid: none, wandb")
         import wandb
 
         mode = wandb_mode(lcfg)

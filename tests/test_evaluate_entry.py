@@ -10,7 +10,7 @@ import pytest
 from omegaconf import open_dict
 
 from conftest import compose_cfg, run_script
-from ftexp import recipes
+from ftexp import evaluation, recipes
 from ftexp.config import ConfigError
 
 
@@ -65,9 +65,9 @@ def test_trained_run_is_re_evaluated_with_eval_overrides_only(trained_runs, tmp_
 def test_run_overrides_that_change_the_trained_setup_are_refused(trained_runs, tmp_path):
     cfg = compose_cfg([f"+run={trained_runs['full']}"], tmp_path)
     with pytest.raises(ConfigError, match="model"):
-        recipes.eval_config(cfg, overrides=["model", "eval.n"])
+        evaluation.eval_config(cfg, overrides=["model", "eval.n"])
     with pytest.raises(ConfigError, match="train.learning_rate"):
-        recipes.eval_config(cfg, overrides=["train.learning_rate"])
+        evaluation.eval_config(cfg, overrides=["train.learning_rate"])
     with open_dict(cfg):
         cfg.output_dir = str(trained_runs["full"])
     with pytest.raises(ConfigError, match="overwritten"):
@@ -75,7 +75,7 @@ def test_run_overrides_that_change_the_trained_setup_are_refused(trained_runs, t
     with open_dict(cfg):
         cfg.run = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="config.yaml"):
-        recipes.eval_config(cfg, overrides=[])
+        evaluation.eval_config(cfg, overrides=[])
 
 
 def test_evaluate_script_re_evaluates_a_run_and_returns_cleanly(trained_runs, tmp_path):
@@ -99,7 +99,7 @@ def test_evaluate_script_bad_input_exits_2_with_a_message_and_keeps_results(trai
     proc = run_script("evaluate.py", f"run={trained_runs['full']}", "eval.n=2", "objective=eval/nonsense",
                       f"output_dir={out}", f"hydra.run.dir={tmp_path / 'h2'}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "objective=eval/nonsense is not a metric this run writes" in proc.stderr and "eval/accuracy" in proc.stderr
+    assert "objective=eval/nonsense is not a metric a classification run writes" in proc.stderr and "eval/accuracy" in proc.stderr
     assert not (out / "metrics.json").exists()
 
 

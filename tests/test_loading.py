@@ -23,7 +23,7 @@ def refined_web_checkpoint(tmp_path):
     n_head / n_layer, and an auto_map pointing at remote code."""
     cfg = compose_cfg(SMALL, fast=False)
     pool, _, _ = recipes.load_data(cfg)
-    base = recipes.base_model_path(cfg, pool, tmp_path)
+    base = modeling.base_model_path(cfg, pool, tmp_path)
     config_file = tmp_path / "base_model" / "config.json"
     native = json.loads(config_file.read_text())
     (tmp_path / "falcon_native.json").write_text(json.dumps(native))  # what ftexp would ship for it
@@ -60,7 +60,7 @@ def test_quantized_falcon_linears_are_really_quantized(tmp_path):
 
     cfg = compose_cfg([*SMALL, "quant=nf4", "lora=default", "quant.bnb_4bit_compute_dtype=float32"], fast=False)
     pool, _, _ = recipes.load_data(cfg)
-    base = recipes.base_model_path(cfg, pool, tmp_path)
+    base = modeling.base_model_path(cfg, pool, tmp_path)
     model = modeling.load_model(base, cfg.model, cfg.quant, "cpu")
     kinds = {type(m) for n, m in model.named_modules() if n.endswith(("query_key_value", "dense_h_to_4h"))}
     assert kinds == {bnb.nn.Linear4bit}

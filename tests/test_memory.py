@@ -1,12 +1,13 @@
 """The weight-memory check before loading: bits per parameter, estimates against
 what the loaded tiny models really take, a GPU too small refused with both numbers,
-a CPU only warned, and the numbers recorded in metrics.json."""
+a CPU only warned, and the numbers recorded in metrics.json, each run's peak its own."""
 
 from __future__ import annotations
 
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -44,7 +45,7 @@ def test_estimate_matches_the_loaded_model(tmp_path, twin, quant):
                        "model.tiny.hidden_size=128", "model.tiny.intermediate_size=512", "model.tiny.vocab_size=300",
                        "++data.generator.train_size=64"], fast=False)
     pool, _, _ = recipes.load_data(cfg)
-    base = recipes.base_model_path(cfg, pool, tmp_path)
+    base = modeling.base_model_path(cfg, pool, tmp_path)
     est = memory.check(cfg.model, cfg.quant, base, "cpu")
     model = modeling.load_model(base, cfg.model, cfg.quant, "cpu")
     assert est["model/weight_memory_est_mb"] == pytest.approx(memory.measured_mb(model), rel=0.05)
@@ -100,3 +101,15 @@ def test_run_records_estimate_measured_and_peak(tmp_path):
     for key in ("model/num_params", "model/weight_memory_est_mb", "model/weight_memory_mb", "train/peak_memory_mb",
                 "train/trainable_params", "train/trainable_pct"):
         assert metrics[key] is not None and metrics[key] > 0, key
+
+
+@pytest.mark.skipif(not memory.CLEAR_REFS.exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_each_run_in_one_process_reports_its_own_peak(tmp_path):
+    """A sweep runs its trials in one process: the second, smaller run's peak is its own,
+    not the high-water mark the first one left behind."""
+    overrides = ["train.max_steps=1", "eval.n=4", "device=cpu"]
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB the first run holds while it trains
+    first = recipes.finetune(compose_cfg(overrides, tmp_path / "first"))["train/peak_memory_mb"]
+    del ballast
+    second = recipes.finetune(compose_cfg(overrides, tmp_path / "second"))["train/peak_memory_mb"]
+    assert first > 400 and 0 < second < first - 300

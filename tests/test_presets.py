@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import CONF, compose_cfg
-from ftexp import presets
+from ftexp import architecture, presets
 from ftexp.config import ConfigError
 
 # experiment preset -> (trainable params, all params incl. adapters, LoRA targets): the studies' printed numbers
@@ -47,8 +47,8 @@ MODEL_PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if not p.
 def test_model_preset_num_params_matches_its_architecture(name):
     cfg = compose_cfg([f"model={name}"], fast=False)
     assert cfg.model.preset_config, f"model={name} ships no architecture"
-    model = presets.preset_meta_model(cfg.model.preset_config)
-    assert presets.unique_parameters(model) == cfg.model.num_params
+    model = architecture.preset_meta_model(cfg.model.preset_config)
+    assert architecture.parameter_count(model) == cfg.model.num_params
     assert next(model.parameters()).device.type == "meta"  # no weights were made
     assert model.config.is_encoder_decoder == (cfg.model.arch == "seq2seq")
 
@@ -74,4 +74,4 @@ def test_cli_without_an_architecture_is_a_clear_error(capsys):
 
 def test_unknown_architecture_file_names_the_key_and_the_choices():
     with pytest.raises(ConfigError, match=r"model.preset_config='nope'.*falcon_7b"):
-        presets.load_config("nope")
+        architecture.load_config("nope")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from ftexp import evaluation, gguf, modeling, recipes
+from ftexp import architecture, evaluation, gguf, modeling, recipes
 from ftexp.cache import tokenize_prompt_completion
 from ftexp.tasks import build_task
 
@@ -49,7 +49,7 @@ def real(tmp_path_factory, shared_data_module):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # a 135M model does use both cores
     start = time.perf_counter()
-    folder = gguf.plain_copy(cfg.model, cfg.cache_dir, cache / "unused", modeling.gguf_dtype(cfg.model))
+    folder = gguf.plain_copy(cfg.model, cfg.cache_dir, cache / "unused", architecture.gguf_dtype(cfg.model))
     convert_s = time.perf_counter() - start
     tok = modeling.load_tokenizer(str(folder), cfg.model)
     yield {"cfg": cfg, "cache": cache, "folder": folder, "tok": tok, "convert_s": convert_s,

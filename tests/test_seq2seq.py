@@ -23,10 +23,10 @@ SMALL = ["model=tiny_t5", "model.tiny.hidden_size=64", "model.tiny.intermediate_
 def t5(tmp_path_factory):
     cfg = compose_cfg(SMALL, fast=False)
     pool, train_rows, _ = recipes.load_data(cfg)
-    base = recipes.base_model_path(cfg, pool, tmp_path_factory.mktemp("t5"))
+    base = modeling.base_model_path(cfg, pool, tmp_path_factory.mktemp("t5"))
     tok = modeling.load_tokenizer(base, cfg.model)
     task = build_task(cfg.task, tokenizer=tok)
-    return cfg, base, tok, recipes.to_records(task, train_rows.select(range(8)))
+    return cfg, base, tok, task.to_records(train_rows.select(range(8)))
 
 
 def test_only_completion_tokens_are_labels(t5, tmp_path):
