@@ -7,8 +7,10 @@ task templates, data source, seed). A run asking for ``n`` rows reuses the cache
 prefix and tokenizes only the rows beyond it.
 
 Rows are stored as ``input_ids`` + ``completion_mask`` (1 on completion tokens),
-the pre-tokenized form TRL's SFTTrainer accepts; the trainer still builds the
-labels from that mask and truncates to ``train.max_length``.
+made as SFTTrainer makes them from prompt/completion text, with what training needs
+from them ready too: ``labels`` (the ids, -100 off the completion) and ``length``.
+A later run with the same rows then only reads them back (``training.sft_rows`` cuts
+them to ``train.max_length``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets, load_from_disk
+from trl.data_utils import common_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +32,33 @@ log = logging.getLogger(__name__)
 def tokenize_prompt_completion(tokenizer, prompts, completions) -> dict:
     """input_ids of prompt+completion+EOS and the mask of completion tokens.
 
-    The completion starts where the tokenized prompt stops being a prefix of the
-    tokenized whole (tokens may merge across the boundary), as TRL does.
+    SFTTrainer's own tokenization of prompt/completion text, done here so the rows can
+    be cached (SFTTrainer offers it only inside its dataset preparation): EOS is added
+    to a completion that lacks it, and the completion starts where the tokenized prompt
+    stops being a prefix of the tokenized whole (tokens may merge across the boundary).
     """
     eos = tokenizer.eos_token or ""
     full = tokenizer([p + c + (eos if not c.endswith(eos) else "") for p, c in zip(prompts, completions)])["input_ids"]
     heads = tokenizer(list(prompts))["input_ids"]
     masks = []
     for head, ids in zip(heads, full):
-        k = 0
-        while k < min(len(head), len(ids)) and head[k] == ids[k]:
-            k += 1
+        k = common_prefix_length(head, ids)
         masks.append([0] * k + [1] * (len(ids) - k))
     return {"input_ids": full, "completion_mask": masks}
+
+
+def with_labels(batch: dict) -> dict:
+    """Add ``labels`` (-100 off the completion, as SFTTrainer builds them from the mask) and
+    ``length`` (tokens per row, read by the length-grouped sampler) to tokenized rows."""
+    labels = [[t if m else -100 for t, m in zip(ids, mask)]
+              for ids, mask in zip(batch["input_ids"], batch["completion_mask"])]
+    return {**batch, "labels": labels, "length": [len(ids) for ids in batch["input_ids"]]}
 
 
 def fingerprint(tokenizer, cfg) -> str:
     """Everything that changes the tokens of the permuted train split."""
     state = {
-        "format": 2,  # 2: answers joined to their prompt (no space after a chat template's newline)
+        "format": 3,  # 2: answers joined to their prompt (no space after a chat template's newline); 3: + labels, length
         "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
         if hasattr(tokenizer, "backend_tokenizer") else tokenizer.name_or_path,
         "chat_template": getattr(tokenizer, "chat_template", None),
@@ -79,8 +90,8 @@ def tokenized_prefix(records: Dataset, tokenizer, cfg, cache_dir: str | None) ->
     Returns the tokenized dataset and how many rows had to be tokenized now.
     """
     def encode(ds):
-        return ds.map(lambda b: tokenize_prompt_completion(tokenizer, b["prompt"], b["completion"]), batched=True,
-                      remove_columns=ds.column_names)
+        return ds.map(lambda b: with_labels(tokenize_prompt_completion(tokenizer, b["prompt"], b["completion"])),
+                      batched=True, remove_columns=ds.column_names)
 
     if not cache_dir:
         return encode(records), len(records)

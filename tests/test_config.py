@@ -3,11 +3,15 @@ fail early with a message that names the key."""
 
 from __future__ import annotations
 
+import json
 
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException as HydraCompositionError
+from omegaconf import OmegaConf
 
 from conftest import CONF, compose_cfg
+from ftexp import records
 from ftexp.config import ConfigError, validate
 
 GROUPS = ["model", "quant", "lora", "data", "task", "logger", "train", "eval"]
@@ -28,6 +32,9 @@ def test_every_option_of_every_group_composes(group, option):
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes_and_validates(option):
     cfg = compose_cfg([f"experiment={option}"], fast=False)
+    if cfg.judge.name == "openai":  # the judge's server is the user's to name (tests/test_judge_server.py)
+        cfg = compose_cfg([f"experiment={option}", "judge.base_url=http://127.0.0.1:8000/v1",
+                           "judge.model=some-instruct-model"], fast=False)
     validate(cfg)
 
 
@@ -47,6 +54,53 @@ def test_wrong_type_fails_at_composition_naming_it():
     with pytest.raises(HydraCompositionError) as err:
         compose_cfg(["train.batch_size=lots"])
     assert "batch_size" in str(err.value)
+
+
+# Settings with a fixed set of values, and those values.
+CHOICES = {
+    "model.arch": ["causal", "seq2seq"],
+    "model.family": ["llama", "falcon", "t5", "gpt_neox"],
+    "model.tiny.family": ["llama", "falcon", "t5", "gpt_neox"],
+    "model.dtype": ["auto", "float32", "bfloat16", "float16"],
+    "quant.name": ["none", "int8", "nf4"],
+    "quant.bnb_4bit_quant_type": ["nf4", "fp4"],
+    "quant.bnb_4bit_compute_dtype": ["float32", "bfloat16", "float16"],
+    "quant.bnb_4bit_quant_storage": ["float32", "bfloat16", "float16"],
+    "lora.bias": ["none", "all", "lora_only"],
+    "task.kind": ["classification", "summarization", "qa", "scoring"],
+    "train.truncation": ["keep_start", "keep_end"],
+    "eval.method": ["generate", "likelihood", "both"],
+    "eval.label_scoring": ["exact", "surface_forms"],
+    "logger.name": ["none", "wandb"],
+    "logger.mode": ["online", "offline"],
+    "judge.name": ["none", "hf", "openai"],
+}
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_a_value_outside_a_settings_choices_fails_at_composition_listing_them(key):
+    with pytest.raises(HydraCompositionError) as err:
+        compose_cfg([f"{key}=bogus"])
+    message = f"{err.value}\n{err.value.__cause__}"
+    assert f"{key}=bogus" in message and f"full_key: {key}" in message
+    assert f"expected one of [{', '.join(CHOICES[key])}]" in message
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_each_choice_composes_and_reads_as_its_plain_string(key):
+    for choice in CHOICES[key]:
+        value = OmegaConf.select(compose_cfg([f"{key}={choice}"]), key)
+        assert value == choice and str(value) == choice and f"{value}" == choice
+
+
+def test_the_saved_config_holds_choices_as_plain_strings(tmp_path):
+    cfg = compose_cfg(["model=tiny_t5", "train.truncation=keep_end"])
+    records.write_config(cfg, tmp_path)
+    text = (tmp_path / "config.yaml").read_text()
+    assert "arch: seq2seq" in text and "truncation: keep_end" in text and "Arch" not in text
+    saved = yaml.safe_load(text)
+    assert type(saved["model"]["arch"]) is str and type(saved["eval"]["method"]) is str
+    assert json.loads(json.dumps(records.config_dict(cfg)))["quant"]["name"] == "none"
 
 
 def test_unknown_group_option_lists_the_valid_ones():

@@ -36,7 +36,7 @@ def tiny_bases(tmp_path_factory):
         cfg = compose_cfg([f"model={twin}", *SMALL], fast=False)
         out = tmp_path_factory.mktemp(family)
         pool, _, _ = recipes.load_data(cfg)
-        bases[family] = (cfg, recipes.base_model_path(cfg, pool, out))
+        bases[family] = (cfg, modeling.base_model_path(cfg, pool, out))
     return bases
 
 
@@ -119,10 +119,15 @@ def test_head_adapter_rows_and_labels_match_sfttrainers(tiny_bases, tmp_path):
     tok = modeling.load_tokenizer(base, cfg.model)
     task = build_task(cfg.task, tokenizer=tok)
     _, train_rows, _ = recipes.load_data(cfg)
-    records = recipes.to_records(task, train_rows.select(range(12)))
+    records = task.to_records(train_rows.select(range(12)))
     model = modeling.load_model(base, cfg.model, _quant("none"), "cpu")
     for truncation, max_length in (("keep_start", 256), ("keep_end", 12), ("keep_start", 12)):
         with_cfg = OmegaConf.merge(cfg, {"train": {"max_length": max_length, "truncation": truncation}})
+        if (truncation, max_length) == ("keep_start", 12):  # every answer cut off: refused, with the way out
+            for build in (training.build_sft_trainer, training.build_head_adapter_trainer):
+                with pytest.raises(ConfigError, match="cuts the answer off every training row"):
+                    build(with_cfg, model, tok, records, tmp_path / "x", "cpu", [], [])
+            continue
         sft = training.build_sft_trainer(with_cfg, model, tok, records, tmp_path / "sft", "cpu", [], [])
         ours = training.build_head_adapter_trainer(with_cfg, model, tok, records, tmp_path / "ours", "cpu", [], [])
         assert ours.train_dataset["input_ids"] == sft.train_dataset["input_ids"]

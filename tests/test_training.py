@@ -18,11 +18,11 @@ CONTRACT_KEYS = ["train/loss_first", "train/loss_last", "train/runtime_s", "trai
 
 def _setup(cfg, tmp_path):
     pool, train_rows, _ = recipes.load_data(cfg)
-    base = recipes.base_model_path(cfg, pool, tmp_path)
+    base = modeling.base_model_path(cfg, pool, tmp_path)
     tok = modeling.load_tokenizer(base, cfg.model)
     task = build_task(cfg.task, tokenizer=tok)
     model = modeling.load_model(base, cfg.model, cfg.quant, "cpu")
-    return tok, task, model, recipes.to_records(task, train_rows)
+    return tok, task, model, task.to_records(train_rows)
 
 
 def test_trainer_batch_masks_prompt_tokens_and_keeps_completion_tokens(tmp_path):
@@ -125,7 +125,7 @@ def test_label_word_that_tokenizes_to_nothing_is_refused():
             return {"input_ids": [] if "negative" in text else [5]}
     task = build_task(cfg.task)
     with pytest.raises(Exception, match="negative.*tokenizes to nothing"):
-        recipes.check_label_words(task, Empty())
+        task.check_tokenizer(Empty())
 
 
 def test_sweep_runs_share_tokenized_rows_and_never_tokenize_a_row_twice(tmp_path):
@@ -133,12 +133,12 @@ def test_sweep_runs_share_tokenized_rows_and_never_tokenize_a_row_twice(tmp_path
 
     cfg = compose_cfg([f"cache_dir={tmp_path / 'cache'}", "++data.generator.train_size=200"])
     pool, _, _ = recipes.load_data(cfg)
-    base = recipes.base_model_path(cfg, pool, tmp_path)
+    base = modeling.base_model_path(cfg, pool, tmp_path)
     tok = modeling.load_tokenizer(base, cfg.model)
     task = build_task(cfg.task, tokenizer=tok)
     from ftexp import data
     def rows(n):
-        return recipes.to_records(task, data.subset(pool, n, cfg.data.seed, key="train.n"))
+        return task.to_records(data.subset(pool, n, cfg.data.seed, key="train.n"))
     small, fresh_small = cache.tokenized_prefix(rows(50), tok, cfg, cfg.cache_dir)
     large, fresh_large = cache.tokenized_prefix(rows(120), tok, cfg, cfg.cache_dir)
     again, fresh_again = cache.tokenized_prefix(rows(80), tok, cfg, cfg.cache_dir)

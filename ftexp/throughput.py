@@ -1,0 +1,261 @@
+"""Training throughput: real tokens, padding, FLOPs per token and model FLOPs utilization (MFU).
+
+What training writes to metrics.json (see ``training.train``):
+
+    train/tokens_per_s     real (non-padding) tokens trained per second, all processes together
+    train/padding_ratio    padded tokens / real tokens over the batches actually trained
+    train/flops_per_token  training FLOPs per token (``flops_per_token``)
+    train/peak_flops       the peak FLOP/s of one device that MFU is measured against
+    train/mfu              achieved FLOP/s / (peak FLOP/s x devices)
+
+The peak of a GPU comes from a table of dense (no sparsity) vendor figures, chosen by
+the device name and the precision the matmuls run in; the peak of a CPU is measured
+with a short matmul, once per CPU model, torch thread count and dtype, and cached.
+``train.peak_flops`` overrides both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- counting tokens
+
+
+class TokenCounter:
+    """Count the real and the padded tokens of every batch the model trains on.
+
+    A forward pre-hook on the model sees exactly the batches that are trained (not the
+    ones a data loader fetched ahead). Counts stay on the batch's device until read, so
+    counting adds no device-to-host sync to a training step.
+    """
+
+    def __init__(self, model):
+        self._sums: dict = {}  # device -> tensor([real, padded])
+        self._handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        if not module.training:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            real = mask.sum()
+            padded = mask.numel() - real
+        elif ids is not None:  # padding-free batch: rows laid end to end, no padding
+            real = torch.tensor(ids.numel(), device=ids.device)
+            padded = torch.zeros((), dtype=real.dtype, device=ids.device)
+        else:
+            return
+        labels = kwargs.get("labels")
+        if kwargs.get("decoder_input_ids") is not None and labels is not None:
+            # encoder-decoder: the decoder's tokens are the labels; -100 marks its padding
+            answer = (labels != -100).sum()
+            real = real + answer
+            padded = padded + (labels.numel() - answer)
+        counts = torch.stack([real.to(torch.int64), padded.to(torch.int64)])
+        key = counts.device
+        self._sums[key] = self._sums[key] + counts if key in self._sums else counts
+
+    def totals(self) -> tuple[int, int]:
+        """(real, padded) tokens counted so far, summed over every process of a launch."""
+        total = torch.zeros(2, dtype=torch.int64)
+        for counts in self._sums.values():
+            total += counts.cpu()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            total = total.to(device)
+            dist.all_reduce(total)
+            total = total.cpu()
+        return int(total[0]), int(total[1])
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+# --------------------------------------------------------------------------- FLOPs per token
+
+
+def multiplying_params(model) -> int:
+    """Parameters that take part in a matmul for every token: all of them (``count_parameters``,
+    4-bit weights at their unpacked size) but the input embedding, which is a table lookup,
+    unless the output head shares its weights."""
+    from ftexp.modeling import count_parameters
+
+    _, total = count_parameters(model)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    if weight is None:
+        return total
+    tied = getattr(head, "weight", None) is not None and head.weight.data_ptr() == weight.data_ptr()
+    return total if tied else total - weight.numel()
+
+
+def flops_per_token(model, frozen_base: bool) -> float:
+    """Training FLOPs per token, the usual dense-transformer estimate.
+
+    A token costs 2N FLOPs forward (one multiply-add per weight it meets), 2N backward to
+    carry the gradient through the activations, and 2N more for the weight gradients:
+    6N for full fine-tuning. With a frozen base (LoRA, QLoRA) the weight gradients are
+    the adapters' only, which are negligible: 4N. N counts the weights a token is
+    multiplied by (``multiplying_params``); an encoder-decoder sends each token through
+    one of its two stacks, about N/2. Attention's own sequence-length term and the
+    recomputation of gradient checkpointing are left out, as MFU conventionally does.
+    """
+    n = multiplying_params(model)
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        n = n / 2
+    return float((4 if frozen_base else 6) * n)
+
+
+# --------------------------------------------------------------------------- peak FLOP/s
+
+
+# Dense peak FLOP/s of one GPU (vendor data sheets, no sparsity), matched in order against
+# torch.cuda.get_device_name(): (pattern, 16-bit tensor-core peak, fp32 peak). The fp32 peak is
+# the plain (non-tensor-core) one: PyTorch does not use TF32 for matmuls unless asked to.
+GPU_PEAKS = (
+    (r"H200", 989e12, 67e12),
+    (r"H100.*PCIe", 756e12, 51e12),
+    (r"H100.*NVL", 835e12, 60e12),
+    (r"H100", 989e12, 67e12),  # SXM
+    (r"A100", 312e12, 19.5e12),  # SXM and PCIe
+    (r"A10G", 70e12, 31.2e12),  # AWS's A10G (the A10 is faster)
+    (r"\bL4\b", 121e12, 30.3e12),
+    (r"\bT4\b", 65e12, 8.1e12),  # fp16 (T4 has no bf16 units)
+    (r"V100", 125e12, 15.7e12),  # SXM2 (PCIe: 112 / 14)
+    (r"RTX 4090", 165.2e12, 82.6e12),  # fp16 / bf16 with fp32 accumulation, as PyTorch runs them
+)
+
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
+    """The table's peak for GPU ``name`` at ``dtype``; None when the GPU is not in the table."""
+    for pattern, half, single in GPU_PEAKS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return half if dtype in SIXTEEN_BIT else single
+    return None
+
+
+def matmul_dtype(cfg, model) -> torch.dtype:
+    """The dtype the run's matmuls run in: mixed precision, else nf4's compute dtype, else
+    the dtype the (unquantized) weights were loaded in."""
+    if cfg.train.bf16:
+        return torch.bfloat16
+    if cfg.train.fp16:
+        return torch.float16
+    if cfg.quant.name == "nf4":
+        from ftexp.architecture import parse_dtype
+
+        return parse_dtype(cfg.quant.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype")
+    dtype = getattr(model, "dtype", torch.float32)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_name() -> str:
+    try:
+        for line in CPUINFO.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of a square matmul on the CPU with torch's current threads, best of ``repeats``."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)  # warm-up: first-call allocation and kernel selection
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+_MEASURED: dict[str, float] = {}  # this process's measurements, by key
+
+
+def cpu_peak_flops(dtype: torch.dtype, cache_dir: str | None) -> float:
+    """This CPU's matmul FLOP/s at ``dtype``, measured once per CPU model, torch thread
+    count and dtype. Kept in ``<cache_dir>/hardware/cpu_peak_flops.json`` (delete it to
+    measure again), or in this process only when cache_dir is null."""
+    key = f"{cpu_name()} | {torch.get_num_threads()} threads | {str(dtype).replace('torch.', '')}"
+    if key in _MEASURED:
+        return _MEASURED[key]
+    if not cache_dir:
+        _MEASURED[key] = matmul_flops(dtype)
+        return _MEASURED[key]
+    from ftexp.cache import locked
+
+    file = Path(cache_dir).expanduser() / "hardware" / "cpu_peak_flops.json"
+    with locked(file.with_suffix(".lock")):  # parallel sweep workers measure once, not all at once
+        try:
+            known = json.loads(file.read_text()) if file.exists() else {}
+        except json.JSONDecodeError:
+            known = {}
+        if key not in known:
+            known[key] = matmul_flops(dtype)
+            log.info("peak FLOP/s of %s: %.3g (measured; cached in %s)", key, known[key], file)
+            tmp = file.with_name(file.name + ".tmp")
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+            tmp.replace(file)
+    _MEASURED[key] = float(known[key])
+    return _MEASURED[key]
+
+
+def peak_flops(cfg, device: str, model) -> tuple[float | None, str]:
+    """Peak FLOP/s of one device of this run and where the figure comes from.
+
+    None when the GPU is not in ``GPU_PEAKS`` (set train.peak_flops to get an MFU).
+    """
+    if cfg.train.get("peak_flops"):
+        return float(cfg.train.peak_flops), "train.peak_flops"
+    dtype = matmul_dtype(cfg, model)
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        value = gpu_peak_flops(name, dtype)
+        if value is None:
+            log.warning("train/mfu: no peak FLOP/s known for %s; set train.peak_flops=<FLOP/s of one GPU at %s> "
+                        "to get it.", name, dtype)
+        return value, f"{name}, {dtype}"
+    return cpu_peak_flops(dtype, cfg.cache_dir), f"{cpu_name()}, {torch.get_num_threads()} threads, {dtype} (measured)"
+
+
+def metrics(cfg, device: str, model, per_token: float, real: int, padded: int, seconds: float,
+            processes: int) -> dict:
+    """The ``train/*`` throughput metrics of ``real`` + ``padded`` tokens trained in ``seconds`` by
+    ``processes`` devices, at ``per_token`` FLOPs per token (``flops_per_token``)."""
+    out = {
+        "train/tokens_per_s": real / seconds if seconds > 0 else 0.0,
+        "train/padding_ratio": padded / real if real else 0.0,
+        "train/flops_per_token": per_token,
+    }
+    peak, source = peak_flops(cfg, device, model)
+    if peak:
+        achieved = per_token * real / seconds if seconds > 0 else 0.0
+        out["train/peak_flops"] = peak
+        out["train/mfu"] = achieved / (peak * max(processes, 1))
+        log.info("throughput: %.0f real tokens/s, padding %.1f%%, MFU %.2f%% of %.3g FLOP/s (%s)",
+                 out["train/tokens_per_s"], 100 * out["train/padding_ratio"], 100 * out["train/mfu"], peak, source)
+    return out
