@@ -2,27 +2,84 @@
 generation config samples), label log-likelihood scoring for classification, and
 k-shot prompts. Prompts are sorted by length before batching so a batch pads to
 similar lengths, then put back in order; the prediction is only the text generated
-after the prompt, cut at EOS or at the first stop string.
+after the prompt, cut at EOS or at the first stop string. The token prefix every
+prompt shares (system prompt, template head, k-shot examples) is run through the
+model once and its key/value cache reused by every batch, for generation and
+likelihood alike. A batch that runs out of GPU memory is retried at half the batch
+size, which the rest of the evaluation keeps. ``eval_config`` gives the config a
+trained run is re-evaluated with: its own, plus evaluation settings only.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import logging
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ftexp.config import ConfigError
+from ftexp.cli import command_line_keys
+from ftexp.config import ConfigError, RunConfig
+from ftexp.metrics import evaluate_library
+from ftexp.tasks.base import join_answer
+from ftexp.tasks.classification import check_label_word
 
 log = logging.getLogger(__name__)
 
 
-def _batches(order: list[int], size: int):
-    for start in range(0, len(order), size):
-        yield order[start:start + size]
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory error, or any error whose message says it ran out of memory."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _free_accelerator_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class BatchSize:
+    """The batch size of one evaluation, shared by its generation and likelihood passes.
+
+    ``run`` feeds consecutive batches to a step function. A batch that runs out of
+    memory is retried at half its size, and that smaller size stays for the rest of
+    the evaluation; a batch of one that runs out of memory fails.
+    """
+
+    def __init__(self, size: int):
+        self.size = max(1, int(size))
+
+    def run(self, items: list, step: Callable[[list], None], what: str) -> None:
+        start = 0
+        while start < len(items):
+            batch = items[start:start + self.size]
+            if self._try(step, batch, what):
+                start += len(batch)
+
+    def _try(self, step, batch: list, what: str) -> bool:
+        try:
+            step(batch)
+            return True
+        except Exception as err:
+            if len(batch) == 1 or not is_out_of_memory(err):
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # outside the except block, so the failed batch's tensors can be released
+        _free_accelerator_memory()
+        self.size = max(1, len(batch) // 2)
+        log.warning("%s: out of memory at batch size %d (%s); retrying at batch size %d for the rest of the "
+                    "evaluation.", what, len(batch), reason, self.size)
+        return False
+
+
+def _batch_size(size) -> BatchSize:
+    """A shared ``BatchSize`` as it is, or a new one for a plain number."""
+    return size if isinstance(size, BatchSize) else BatchSize(size)
 
 
 def _model_device(model):
@@ -44,15 +101,18 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int = 16, max_length: int | None = None,
-             seed: int = 0) -> list[str]:
+def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int | BatchSize = 16,
+             max_length: int | None = None, seed: int = 0, share_prefix: bool = True) -> list[str]:
     """Generate a completion per prompt; returns only the text after the prompt.
 
     ``max_length`` caps the prompt at its last ``max_length`` tokens (the end of a
-    prompt carries the question); None keeps it whole.
+    prompt carries the question); None keeps it whole. With ``share_prefix``, the
+    token prefix all prompts share is encoded once and each batch generates from a
+    copy of its cache (decoder-only models; see ``_generate_batch``).
     """
     model.eval()
     device = _model_device(model)
+    sizer = _batch_size(batch_size)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     old_side, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = "right" if seq2seq else "left"
@@ -72,26 +132,108 @@ def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int 
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if gcfg.stop:
         kwargs.update(stop_strings=list(gcfg.stop), tokenizer=tokenizer)
-    torch.manual_seed(seed)
-    try:
-        for idx in _batches(order, max(1, batch_size)):
+    prefix, cache = [], None
+    if share_prefix and not seq2seq and _generate_takes_a_cache(model):
+        prefix = _shared_prefix(encoded)
+        cache = _prefix_cache(model, prefix, device, "generation")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def step(idx: list[int]) -> None:
+        if cache is not None:
+            new = _generate_batch(model, [encoded[i] for i in idx], prefix, cache, pad, device,
+                                  gcfg.num_beams, kwargs)
+        else:
             enc = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True,
                                 return_tensors="pt").to(device)
             out = model.generate(**enc, **kwargs)
             new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                outputs[i] = text
+        for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            outputs[i] = text
+
+    torch.manual_seed(seed)
+    try:
+        sizer.run(order, step, "generation")
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = old_side, old_trunc
     return outputs
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def _generate_batch(model, seqs: list[list[int]], prefix: list[int], cache, pad: int, device, num_beams: int,
+                    kwargs: dict) -> torch.Tensor:
+    """Generate from ``seqs`` that all start with ``prefix``, whose cache is given; returns
+    the new tokens only.
+
+    Each row is the prefix, then padding, then the row's own tokens, so all rows end
+    at the last column. The attention mask hides the padding, and generate counts
+    positions from that mask, so every token keeps the position it has in the whole
+    prompt: the same outputs as plain left padding, with the prefix run only once.
+    """
+    p = len(prefix)
+    tails = [s[p:] for s in seqs]
+    width = max(map(len, tails))
+    input_ids = torch.tensor([prefix + [pad] * (width - len(t)) + t for t in tails], device=device)
+    attn = torch.tensor([[1] * p + [0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)
+    # beam search runs num_beams rows per prompt but does not widen a given cache itself
+    batch_cache = _batch_cache(cache, len(seqs) * max(1, num_beams))
+    out = model.generate(input_ids=input_ids, attention_mask=attn, **{_cache_name(model): batch_cache}, **kwargs)
+    return out[:, input_ids.shape[1]:]
+
+
+def _generate_takes_a_cache(model) -> bool:
+    """Whether generate can start from a cache passed in: not when the model's generation
+    config asks for a cache of another kind (static, quantized, ...) or for none."""
+    gen = getattr(model, "generation_config", None)
+    return not (getattr(gen, "cache_implementation", None) or getattr(gen, "use_cache", True) is False)
+
+
+def _forward_params(model) -> set[str]:
+    """The keyword arguments the model's own forward takes (under a PEFT wrapper too)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return set(inspect.signature(base.forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return set()
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in _forward_params(model)
+
+
+def _cache_name(model) -> str:
+    """The name of the key/value cache argument and output: ``cache`` in recent
+    transformers 5 releases, ``past_key_values`` before."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+def _prefix_cache(model, prefix: list[int], device, what: str):
+    """The key/value cache of ``prefix`` run once through the model, or None when there is
+    no prefix or the cache cannot be reused: a cache that cannot be copied per batch,
+    one with sliding-window or recurrent layers, where padding after the prefix would
+    change what the model sees, or a PEFT prompt-learning model, which puts virtual
+    tokens of its own in the cache."""
+    if not prefix or getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return None
+    ids = torch.tensor([prefix], device=device)
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}  # only the cache is read
+    try:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **extra)
+        cache = getattr(out, _cache_name(model), None)
+    except Exception as err:
+        log.warning("%s: prompt prefix not shared (%s); encoding whole prompts.", what, err)
+        return None
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    if any(getattr(cache, "is_sliding", ())) or any(getattr(cache, "is_linear", ())):
+        log.info("%s: prompt prefix not shared (sliding-window or recurrent layers); encoding whole prompts.", what)
+        return None
+    return cache
+
+
+def _batch_cache(cache, rows: int):
+    """A copy of a one-row prefix cache widened to ``rows`` rows; each batch extends its own."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(rows)
+    return out
 
 
 def answer_split(tokenizer, prompt: str, answers: Sequence[str],
@@ -103,9 +245,7 @@ def answer_split(tokenizer, prompt: str, answers: Sequence[str],
     head = prompt_ids if prompt_ids is not None else tokenizer(prompt)["input_ids"]
     wholes = [tokenizer(prompt + a)["input_ids"] for a in answers]
     cut = min(_common_prefix(head, w) for w in wholes)
-    if any(len(w) <= cut for w in wholes):
-        raise ConfigError(f"task.labels: an answer encodes to no tokens after the prompt; answers: {list(answers)}")
-    return head[:cut], [w[cut:] for w in wholes]
+    return head[:cut], [check_label_word(tokenizer, a, w[cut:]) for a, w in zip(answers, wholes)]
 
 
 def option_token_ids(tokenizer, options: Sequence[str], seq2seq: bool = False) -> list[list[int]]:
@@ -119,9 +259,7 @@ def option_token_ids(tokenizer, options: Sequence[str], seq2seq: bool = False) -
         else:
             stub = len(tokenizer("x", add_special_tokens=False)["input_ids"])
             tok = tokenizer("x" + opt, add_special_tokens=False)["input_ids"][stub:]
-        if not tok:
-            raise ConfigError(f"task.labels: the option {opt!r} encodes to no tokens; give every label a word.")
-        ids.append(tok)
+        ids.append(check_label_word(tokenizer, opt, tok))
     return ids
 
 
@@ -131,7 +269,8 @@ MIN_SHARED_PREFIX = 8
 
 
 @torch.no_grad()
-def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[str], *, batch_size: int = 32,
+def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[str], *,
+                   batch_size: int | BatchSize = 32,
                    max_length: int | None = None, share_prefix: bool = True,
                    join: Callable[[str, str], str] | None = None) -> torch.Tensor:
     """Summed log-probability of each option's tokens after each prompt: (len(prompts), len(options)).
@@ -150,6 +289,7 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[s
     """
     model.eval()
     device = _model_device(model)
+    sizer = _batch_size(batch_size)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     scores = torch.zeros(len(prompts), len(options))
@@ -168,27 +308,31 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[s
         group_ids = [prompt_ids[i] for i in members]
         if seq2seq:
             part = _seq2seq_logprobs(model, group_ids, option_ids, torch.zeros(len(members), len(options)), pad,
-                                     batch_size, device)
+                                     sizer, device)
         else:
-            part = _causal_logprobs(model, group_ids, option_ids, pad, batch_size, device, share_prefix)
+            part = _causal_logprobs(model, group_ids, option_ids, pad, sizer, device, share_prefix)
         scores[members] = part
     return scores
 
 
-def _causal_logprobs(model, prompt_ids, option_ids, pad, batch_size, device, share_prefix) -> torch.Tensor:
+def _causal_logprobs(model, prompt_ids, option_ids, pad, sizer: BatchSize, device, share_prefix) -> torch.Tensor:
     scores = torch.zeros(len(prompt_ids), len(option_ids))
     forward = _Forward(model, pad, device, _shared_prefix(prompt_ids) if share_prefix else [])
     if all(len(ids) == 1 for ids in option_ids):
         first = torch.tensor([ids[0] for ids in option_ids])
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-        for idx in _batches(order, max(1, batch_size)):
+
+        def step(idx):
             logp = forward([prompt_ids[i] for i in idx], 1)[:, -1].cpu()
             scores[idx] = logp[:, first]
+
+        sizer.run(order, step, "likelihood")
         return scores
 
     pairs = [(i, j) for i in range(len(prompt_ids)) for j in range(len(option_ids))]
     pairs.sort(key=lambda ij: -(len(prompt_ids[ij[0]]) + len(option_ids[ij[1]])))
-    for chunk in _batches(pairs, max(1, batch_size)):
+
+    def pair_step(chunk):
         width = max(len(option_ids[j]) for _, j in chunk)
         # position p predicts token p+1: the option's n tokens are read at the n
         # positions before the last one
@@ -197,6 +341,8 @@ def _causal_logprobs(model, prompt_ids, option_ids, pad, batch_size, device, sha
             n = len(option_ids[j])
             positions = torch.arange(width - n, width)
             scores[i, j] = logp[row, positions, torch.tensor(option_ids[j])].sum()
+
+    sizer.run(pairs, pair_step, "likelihood")
     return scores
 
 
@@ -232,16 +378,8 @@ class _Forward:
     def __init__(self, model, pad: int, device, prefix: list[int]):
         self.model, self.pad, self.device = model, pad, device
         self.keep = _accepts_logits_to_keep(model)
-        self.prefix, self.cache = [], None
-        if prefix:
-            ids = torch.tensor([prefix], device=device)
-            try:
-                cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
-            except Exception as err:
-                log.warning("likelihood: prompt prefix not shared (%s); scoring whole prompts.", err)
-                cache = None
-            if hasattr(cache, "batch_repeat_interleave"):
-                self.prefix, self.cache = prefix, cache
+        self.cache = _prefix_cache(model, prefix, device, "likelihood")
+        self.prefix = prefix if self.cache is not None else []
 
     def __call__(self, seqs: list[list[int]], last: int) -> torch.Tensor:
         p = len(self.prefix)
@@ -252,18 +390,17 @@ class _Forward:
         position_ids = p + (attn.cumsum(-1) - 1).clamp(min=0)
         extra = {"logits_to_keep": last} if self.keep else {}
         if self.cache is not None:
-            cache = copy.deepcopy(self.cache)  # each batch extends its own copy
-            cache.batch_repeat_interleave(len(tails))
             attn = torch.cat([torch.ones(len(tails), p, dtype=attn.dtype, device=self.device), attn], dim=1)
-            extra.update(past_key_values=cache, use_cache=True)
+            extra.update({_cache_name(self.model): _batch_cache(self.cache, len(tails)), "use_cache": True})
         logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, **extra).logits
         return torch.log_softmax(logits[:, -last:].float(), -1)
 
 
-def _seq2seq_logprobs(model, prompt_ids, option_ids, scores, pad, batch_size, device):
+def _seq2seq_logprobs(model, prompt_ids, option_ids, scores, pad, sizer: BatchSize, device):
     pairs = [(i, j) for i in range(len(prompt_ids)) for j in range(len(option_ids))]
     pairs.sort(key=lambda ij: -len(prompt_ids[ij[0]]))
-    for chunk in _batches(pairs, max(1, batch_size)):
+
+    def step(chunk):
         enc = [prompt_ids[i] for i, _ in chunk]
         dec = [option_ids[j] for _, j in chunk]
         L, D = max(map(len, enc)), max(map(len, dec))
@@ -275,6 +412,8 @@ def _seq2seq_logprobs(model, prompt_ids, option_ids, scores, pad, batch_size, de
         for row, (i, j) in enumerate(chunk):
             n = len(option_ids[j])
             scores[i, j] = logp[row, torch.arange(n), torch.tensor(option_ids[j])].sum()
+
+    sizer.run(pairs, step, "likelihood")
     return scores
 
 
@@ -351,7 +490,8 @@ def surface_forms(answer: str) -> list[str]:
     return forms
 
 
-def label_scores(model, tokenizer, task, prompts: Sequence[str], record: dict, ecfg, max_length=None) -> torch.Tensor:
+def label_scores(model, tokenizer, task, prompts: Sequence[str], record: dict, ecfg, max_length=None,
+                 batch_size: int | BatchSize | None = None) -> torch.Tensor:
     """Log-score of each label after each prompt: (len(prompts), len(labels)).
 
     ``eval.label_scoring=exact``: the log-probability of the label's answer exactly as
@@ -360,18 +500,17 @@ def label_scores(model, tokenizer, task, prompts: Sequence[str], record: dict, e
     (``surface_forms``), so a base model that would write ``Positive`` or
     `` positive`` is credited too; zero-shot baselines depend on it.
     """
-    from ftexp.tasks.base import join_answer
-
     answers = [task.completion({**record, task.cfg.target: k}) for k in task.label_keys]
+    sizer = _batch_size(ecfg.batch_size if batch_size is None else batch_size)
     if ecfg.label_scoring == "exact":
-        return label_logprobs(model, tokenizer, prompts, answers, batch_size=ecfg.batch_size, max_length=max_length,
+        return label_logprobs(model, tokenizer, prompts, answers, batch_size=sizer, max_length=max_length,
                               join=join_answer)
     forms, owner = [], []
     for label, answer in enumerate(answers):
         for form in surface_forms(answer):
             forms.append(form)
             owner.append(label)
-    per_form = label_logprobs(model, tokenizer, prompts, forms, batch_size=ecfg.batch_size, max_length=max_length,
+    per_form = label_logprobs(model, tokenizer, prompts, forms, batch_size=sizer, max_length=max_length,
                               join=lambda prompt, form: form)
     owner_t = torch.tensor(owner)
     return torch.stack([torch.logsumexp(per_form[:, owner_t == label], dim=1) for label in range(len(answers))], 1)
@@ -400,7 +539,7 @@ def check_objective(cfg, task, eval_rows) -> None:
     if objective.startswith("judge/"):
         if cfg.judge.name == "none":
             raise ConfigError(f"objective={objective}: this run has no LLM judge (judge=none), so it writes no judge/ "
-                              f"metrics. Add judge=hf, or use one of the eval/ metrics, e.g. {task.objective_default}.")
+                              f"metrics. Add judge=hf, or use one of the eval/ metrics, e.g. {task.metrics[0].name}.")
         criterion = objective.split("/", 1)[1].removeprefix("reference_").removesuffix("_argmax")
         if criterion not in cfg.judge.criteria:
             raise ConfigError(f"objective={objective}: the judge rates {', '.join(cfg.judge.criteria)}; "
@@ -429,15 +568,15 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
     methods = ["generate", "likelihood"] if ecfg.method == "both" else [ecfg.method]
     rows = [{"input": p, "reference": task.reference(r)} for p, r in zip(prompts, records)]
     results = {}
-    # import the metrics library up front: a one-off import is not evaluation time, and
+    # one batch size for the whole evaluation: halved on out-of-memory, it stays halved
+    sizer = BatchSize(ecfg.batch_size)
+    # load the metrics library up front: a one-off import is not evaluation time, and
     # with method=both it would otherwise count against whichever method runs first
-    from ftexp.metrics import evaluate_library
-
     evaluate_library()
     for method in methods:
         start = time.perf_counter()
         if method == "generate":
-            raw = generate(model, tokenizer, prompts, task.cfg.generation, batch_size=ecfg.batch_size,
+            raw = generate(model, tokenizer, prompts, task.cfg.generation, batch_size=sizer,
                            max_length=max_len, seed=ecfg.seed)
             preds = [task.clean_prediction(t) for t in raw]
             m, per_row = task.score(preds, records)
@@ -447,7 +586,7 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
                     row.setdefault(k, v)
             results["generate"] = [r.get("predicted_label") for r in per_row]
         else:
-            scores = label_scores(model, tokenizer, task, prompts, records[0], ecfg, max_len)
+            scores = label_scores(model, tokenizer, task, prompts, records[0], ecfg, max_len, batch_size=sizer)
             parsed = scores.argmax(-1).tolist()
             gold = [task.label_index(r) for r in records]
             prefix = "eval/" if len(methods) == 1 else "eval/likelihood_"
@@ -467,7 +606,62 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
         metrics["eval/method_agreement"] = sum(agree) / max(len(agree), 1)
         metrics["eval/runtime_s"] = metrics["eval/generate_runtime_s"] + metrics["eval/likelihood_runtime_s"]
     if "likelihood" in methods:
-        metrics["eval/label_scoring"] = ecfg.label_scoring
+        metrics["eval/label_scoring"] = str(ecfg.label_scoring)
     metrics["eval/n"] = len(records)
     metrics["eval/shots"] = ecfg.shots
     return metrics, rows
+
+
+# ----------------------------------------------------------------------------- re-evaluating a trained run
+
+# What `evaluate.py run=<dir>` takes from the command line on top of the run's own
+# config.yaml: evaluation settings only. Everything that shaped the trained model
+# (model, data, task prompt, train, lora, quant) comes from the run.
+EVAL_OVERRIDABLE = ("eval", "task.generation", "data.path", "objective", "judge")
+# Settings of this invocation, never the trained run's: where results go, the
+# device, the tracker.
+EVAL_INVOCATION = ("output_dir", "run_name", "device", "logger", "run", "hydra", "cache_dir")
+
+
+def _under(key: str, roots) -> bool:
+    return any(key == root or key.startswith(root + ".") for root in roots)
+
+
+def eval_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
+    """The config an evaluation runs with.
+
+    Without ``run``: ``cfg`` itself (a base model, zero- or k-shot). With
+    ``run=<dir>``: the run's saved ``config.yaml``, type-checked against the schema,
+    plus the keys in ``overrides`` (default: those given on the command line) copied
+    from ``cfg`` when they are evaluation settings (eval.*, task.generation.*,
+    data.path, objective); output_dir, run_name, device and logger always come from
+    ``cfg``. Any other override is refused: it would describe a different run.
+    """
+    if not cfg.get("run"):
+        return cfg
+    trained = Path(str(cfg.run))
+    saved_path = trained / "config.yaml"
+    if not saved_path.exists():
+        raise ConfigError(f"run={cfg.run}: no config.yaml there. Point run= at a directory that train.py wrote.")
+    try:
+        out = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(saved_path))
+    except Exception as err:  # a key the schema no longer has, or a wrong type
+        raise ConfigError(f"run={cfg.run}: its config.yaml does not fit this version's schema ({err}).") from err
+    keys = command_line_keys() if overrides is None else list(overrides)
+    refused = [k for k in keys if not _under(k, EVAL_OVERRIDABLE + EVAL_INVOCATION)]
+    if refused:
+        allowed = ", ".join(k + ".*" if k in ("eval", "task.generation") else k for k in EVAL_OVERRIDABLE)
+        raise ConfigError(
+            f"run={cfg.run} is evaluated with its own model, data, task and training settings, so "
+            f"{', '.join(refused)} cannot be changed. Only {allowed} apply; to evaluate another model use "
+            "evaluate.py without run=."
+        )
+    with open_dict(out):
+        for key in keys:
+            if _under(key, EVAL_OVERRIDABLE):
+                OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
+        for key in ("output_dir", "run_name", "device", "cache_dir"):
+            out[key] = cfg.get(key)
+        out.logger = cfg.logger
+        out.run = str(trained)
+    return out

@@ -1,6 +1,7 @@
 """Evaluation machinery on tiny in-process models: label likelihood against generation
 on a model trained until it answers correctly, batch-size-independent greedy outputs,
-multi-token label scoring, and k-shot prompts."""
+multi-token label scoring, k-shot prompts, generation from a shared prompt prefix, and
+the batch size halving on out-of-memory errors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import compose_cfg
 from ftexp import evaluation, tiny
-from ftexp.config import ConfigError
+from ftexp.config import ConfigError, EvalMethod
 from ftexp.tasks import build_task
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "paper", "glass", "storm", "piano", "candle", "forest"]
@@ -25,14 +26,30 @@ def _records():
     return rows
 
 
+# A head every prompt of the shared-prefix tests starts with: an instruction and two
+# solved examples, as a system prompt and k-shot examples make one.
+HEAD = ("Say whether the first thing named is positive or negative. Answer with one word.\n\n"
+        "[INST] paper and the glass [/INST] positive\n\n[INST] river and the stone [/INST] negative\n\n")
+
+
 @pytest.fixture(scope="module")
 def trained():
     """A tiny Llama trained on the prompts until greedy decoding answers every one."""
+    return _train()
+
+
+@pytest.fixture(scope="module")
+def trained_with_head():
+    """The same, with every prompt starting with HEAD."""
+    return _train(HEAD, steps=400)
+
+
+def _train(head: str = "", steps: int = 150):
     cfg = compose_cfg(["task=classification", "task.generation.max_new_tokens=3", "eval.batch_size=16"],
                       fast=False)
     records = _records()
     task0 = build_task(cfg.task)
-    texts = [task0.prompt(r) + task0.completion(r) for r in records]
+    texts = [head + task0.prompt(r) + task0.completion(r) for r in records]
     tok = tiny.build_tokenizer(texts * 3, 600)
     config = tiny.build_config("llama", len(tok), tok, hidden_size=48, num_layers=2, num_heads=4,
                                intermediate_size=96)
@@ -40,7 +57,7 @@ def trained():
     task = build_task(cfg.task, tokenizer=tok)
     seqs, masks = [], []
     for r in records:
-        p = tok(task.prompt(r))["input_ids"]
+        p = tok(head + task.prompt(r))["input_ids"]
         c = tok(task.completion(r), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append(p + c)
         masks.append([0] * len(p) + [1] * len(c))
@@ -51,7 +68,7 @@ def trained():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
     model.train()
-    for step in range(150):
+    for step in range(steps):
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -65,7 +82,7 @@ def trained():
 def test_likelihood_and_generate_agree_on_a_model_that_answers_correctly(trained, tmp_path):
     cfg, model, tok, task, records = trained
     with open_dict(cfg):
-        cfg.eval.method = "both"
+        cfg.eval.method = EvalMethod.both
     metrics, rows = evaluation.evaluate(cfg, model, tok, task, records)
     assert metrics["eval/accuracy"] == 1.0 and metrics["eval/irregular"] == 0
     assert metrics["eval/likelihood_accuracy"] == 1.0
@@ -73,7 +90,7 @@ def test_likelihood_and_generate_agree_on_a_model_that_answers_correctly(trained
     assert all(r["prediction"] == r["likelihood_prediction"] == r["reference"] for r in rows)
     assert metrics["eval/n"] == len(records) and "eval/likelihood_runtime_s" in metrics
     with open_dict(cfg):
-        cfg.eval.method = "likelihood"
+        cfg.eval.method = EvalMethod.likelihood
     metrics, rows = evaluation.evaluate(cfg, model, tok, task, records)
     assert metrics["eval/accuracy"] == 1.0 and metrics["eval/irregular"] == 0
     assert all(r["predicted_label"] == r["reference"] and set(r["label_logprobs"]) == {"negative", "positive"}
@@ -200,3 +217,166 @@ def test_an_answer_that_merges_with_the_prompts_last_space_is_scored_as_written(
             expected = sum(logp[t - 1, whole[t]].item() for t in range(k, len(whole)))
             assert scores[i, j].item() == pytest.approx(expected, abs=1e-4)
     assert merged, "the tokenizer never merged the space: the case is not exercised"
+
+
+# ----------------------------------------------------------------------------- generation from a shared prefix
+
+class _ForwardLog:
+    """Records the input_ids shape of every forward call of a model."""
+
+    def __init__(self, model):
+        self.shapes: list[tuple[int, int]] = []
+        self.prefixes: list[list[int]] = []
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:  # an encoder-decoder's later steps: decoder tokens only
+            ids = kwargs["decoder_input_ids"]
+        self.shapes.append(tuple(ids.shape))
+        if ids.shape[0] == 1:
+            self.prefixes.append(ids[0].tolist())
+
+    def tokens(self) -> int:
+        return sum(b * n for b, n in self.shapes)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generation_from_a_shared_prefix_equals_whole_prompts(trained_with_head, num_beams):
+    """Prompts sharing a long instruction and k-shot head: each batch generates from a
+    copy of the head's cache, and the predictions are those of plain left-padded
+    whole prompts, at any batch size."""
+    cfg, model, tok, task, records = trained_with_head
+    prompts = [HEAD + task.prompt(r) for r in records]
+    prompts += [p.replace(" and the ", " and then the old ") for p in prompts[:6]]  # other lengths
+    ids = tok(prompts)["input_ids"]
+    prefix = evaluation._shared_prefix(ids)
+    assert len(prefix) >= 16
+    assert evaluation._prefix_cache(model, prefix, torch.device("cpu"), "generation") is not None  # shared path
+    assert len({len(i) for i in ids}) > 1  # a batch of 5 mixes lengths: padding after the prefix
+    gen = OmegaConf.merge(cfg.task.generation, {"max_new_tokens": 6, "num_beams": num_beams})
+    whole = evaluation.generate(model, tok, prompts, gen, batch_size=5, share_prefix=False)
+    for batch_size in (1, 5, 32):
+        assert evaluation.generate(model, tok, prompts, gen, batch_size=batch_size) == whole, batch_size
+    assert [task.clean_prediction(w) for w in whole[:len(records)]] == [task.reference(r) for r in records]
+
+
+@pytest.mark.parametrize("family", ["llama", "falcon", "gpt_neox"])
+def test_generation_from_a_shared_prefix_runs_the_prefix_once(family):
+    """The common head goes through the model once; every batch then processes only
+    its prompts' own tokens, and the outputs equal whole-prompt generation."""
+    head = "<|im_start|>system\nYou are a careful judge of movie reviews. Answer positive or negative.<|im_end|>\n"
+    tails = ["a fine and warm film", "dull", "the plot never lands, sadly", "great cast", "I left early",
+             "an hour too long and not one scene that earns it"]
+    prompts = [head + f"<|im_start|>user\nReview: {t}<|im_end|>\n<|im_start|>assistant\n" for t in tails]
+    tok = tiny.build_tokenizer(prompts * 4, 400)
+    config = tiny.build_config(family, len(tok), tok, hidden_size=32, num_layers=2, num_heads=4,
+                               intermediate_size=64)
+    model = tiny.build_model(config, seed=0)
+    gen = OmegaConf.create({"max_new_tokens": 5, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+                            "num_beams": 1, "stop": []})
+    prefix = evaluation._shared_prefix(tok(prompts)["input_ids"])
+    assert len(prefix) >= 16
+
+    calls = _ForwardLog(model)
+    whole = evaluation.generate(model, tok, prompts, gen, batch_size=4, share_prefix=False)
+    whole_tokens = calls.tokens()
+    calls.shapes.clear()
+    calls.prefixes.clear()
+    shared = evaluation.generate(model, tok, prompts, gen, batch_size=4)
+    calls.handle.remove()
+
+    assert shared == whole
+    assert calls.prefixes == [prefix]  # the only one-row call: the prefix, once
+    batches = [4, 2]
+    # each batch skips the prefix for all its rows; the prefix itself runs once
+    assert calls.tokens() == whole_tokens - sum(batches) * len(prefix) + len(prefix)
+
+
+def test_no_prefix_sharing_for_encoder_decoder_models():
+    head = "summarize the dialogue in one sentence, naming who says what:\n"
+    prompts = [head + "the cat sat on the mat", head + "a dog ran in the park"]
+    tok = tiny.build_tokenizer(prompts * 4, 300)
+    assert len(evaluation._shared_prefix(tok(prompts)["input_ids"])) >= evaluation.MIN_SHARED_PREFIX
+    config = tiny.build_config("t5", len(tok), tok, hidden_size=32, num_layers=2, num_heads=4,
+                               intermediate_size=64)
+    model = tiny.build_model(config, seed=0)
+    gen = OmegaConf.create({"max_new_tokens": 3, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+                            "num_beams": 1, "stop": []})
+    calls = _ForwardLog(model)
+    evaluation.generate(model, tok, prompts, gen, batch_size=2)
+    calls.handle.remove()
+    assert calls.shapes and not calls.prefixes  # no one-row prefix pass
+
+
+# ----------------------------------------------------------------------------- out-of-memory back-off
+
+class _MemoryLimit:
+    """Makes a model raise an out-of-memory error for batches of more than ``rows`` rows."""
+
+    def __init__(self, model, rows: int, error=lambda: torch.cuda.OutOfMemoryError("CUDA out of memory.")):
+        self.rows, self.error, self.refused = rows, error, 0
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids.shape[0] > self.rows:
+            self.refused += 1
+            raise self.error()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_generation_halves_the_batch_on_out_of_memory_and_keeps_the_outputs(trained_with_head, caplog):
+    cfg, model, tok, task, records = trained_with_head
+    prompts = [HEAD + task.prompt(r) for r in records]
+    gen = OmegaConf.merge(cfg.task.generation, {"max_new_tokens": 4})
+    expected = evaluation.generate(model, tok, prompts, gen, batch_size=16)
+    size = evaluation.BatchSize(16)
+    with _MemoryLimit(model, 3) as limit, caplog.at_level("WARNING", logger="ftexp.evaluation"):
+        got = evaluation.generate(model, tok, prompts, gen, batch_size=size)
+    assert got == expected
+    assert size.size == 2 and limit.refused == 3  # 16 -> 8 -> 4 -> 2, then it fits
+    assert "out of memory at batch size 16" in caplog.text and "retrying at batch size 2" in caplog.text
+
+
+def test_likelihood_halves_the_batch_on_out_of_memory_and_keeps_the_scores(trained, caplog):
+    _, model, tok, task, records = trained
+    prompts = [task.prompt(r) for r in records]
+    for options in ([" positive", " negative"], [" positive", " negative positive"]):  # both scoring paths
+        expected = evaluation.label_logprobs(model, tok, prompts, options, batch_size=8)
+        size = evaluation.BatchSize(8)
+        # a message that says "out of memory" counts as well as the CUDA error type
+        with _MemoryLimit(model, 2, lambda: RuntimeError("HIP out of memory. Tried to allocate 1 GiB")):
+            got = evaluation.label_logprobs(model, tok, prompts, options, batch_size=size)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert size.size == 2
+    assert "likelihood: out of memory at batch size 8" in caplog.text
+
+
+def test_out_of_memory_at_batch_size_1_fails_and_other_errors_are_not_retried(trained):
+    cfg, model, tok, task, records = trained
+    prompts = [task.prompt(r) for r in records[:4]]
+    with _MemoryLimit(model, 0) as limit, pytest.raises(torch.cuda.OutOfMemoryError):
+        evaluation.generate(model, tok, prompts, cfg.task.generation, batch_size=4)
+    assert limit.refused == 3  # at 4, 2, then 1 row
+    with _MemoryLimit(model, 0, lambda: ValueError("bad input")) as limit, pytest.raises(ValueError):
+        evaluation.label_logprobs(model, tok, prompts, [" positive", " negative"], batch_size=4)
+    assert limit.refused == 1
+
+
+def test_a_halved_batch_size_holds_for_the_rest_of_the_evaluation(trained, caplog):
+    cfg, model, tok, task, records = trained
+    with open_dict(cfg):
+        cfg.eval.method = EvalMethod.both
+    expected, _ = evaluation.evaluate(cfg, model, tok, task, records)
+    with _MemoryLimit(model, 4), caplog.at_level("WARNING", logger="ftexp.evaluation"):
+        metrics, _ = evaluation.evaluate(cfg, model, tok, task, records)
+    assert metrics["eval/accuracy"] == expected["eval/accuracy"] == 1.0
+    assert metrics["eval/likelihood_accuracy"] == 1.0
+    assert "generation: out of memory at batch size 16" in caplog.text
+    assert "likelihood: out of memory" not in caplog.text  # it started at the generation's smaller size
