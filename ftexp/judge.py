@@ -50,10 +50,11 @@ from typing import Sequence
 import httpx
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from ftexp import evaluation, gguf, modeling
-from ftexp.config import ConfigError
+from ftexp import architecture, evaluation, gguf, modeling
+from ftexp.config import ConfigError, ModelConfig, QuantConfig
 from ftexp.tasks.base import chat_prompt
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def judge_model_config(name: str):
     """(model config, quant config) of judge.model: a local folder, or a preset of conf/model."""
-    from omegaconf import OmegaConf
-
-    from ftexp.config import ModelConfig, QuantConfig
-
     folder = Path(os.path.expanduser(name))
     if folder.is_dir():
         mcfg = OmegaConf.structured(ModelConfig(name=folder.name, name_or_path=str(folder), dtype="float32"))
@@ -149,13 +146,17 @@ class Judge:
     def score(self, texts: list[str]) -> list[dict | None]:
         raise NotImplementedError
 
+    def reread(self, cached: dict) -> dict:
+        """A cached result as this version reads it (a parsed reply is parsed again)."""
+        return rating_from_reply(cached["reply"], None) if "reply" in cached and "probs" not in cached else cached
+
     def _key(self, criterion_prompt: str, source: str, summary: str) -> str:
         blob = json.dumps([self.model_id, criterion_prompt, source[: self.cfg.max_source_chars], summary])
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def rate(self, criterion_prompt: str, pairs: Sequence[tuple[str, str]], label: str = "") -> list[dict | None]:
         keys = [self._key(criterion_prompt, s, y) for s, y in pairs]
-        found = {k: v for k in set(keys) if (v := self.cache.get(k)) is not None}
+        found = {k: self.reread(v) for k in set(keys) if (v := self.cache.get(k)) is not None}
         todo = [i for i, k in enumerate(keys) if k not in found]
         todo = list({keys[i]: i for i in todo}.values())  # a pair asked twice is scored once
         self.cache_hits += len(keys) - len(todo)
@@ -182,7 +183,7 @@ class LocalJudge(Judge):
         path = mcfg.name_or_path
         if gguf.is_gguf(mcfg):
             fallback = Path(tempfile.mkdtemp(prefix="ftexp-judge-")) / "model"
-            path = str(gguf.plain_copy(mcfg, cache_dir, fallback, modeling.gguf_dtype(mcfg)))
+            path = str(gguf.plain_copy(mcfg, cache_dir, fallback, architecture.gguf_dtype(mcfg)))
         self.tokenizer = modeling.load_tokenizer(path, mcfg)
         self.model = modeling.load_model(path, mcfg, qcfg, device)
         self.model_id = json.dumps([mcfg.name_or_path, mcfg.get("gguf_file"), mcfg.revision, mcfg.dtype, qcfg.name])
@@ -208,11 +209,28 @@ class LocalJudge(Judge):
                 for row in range(len(texts))]
 
 
+NUMBER = re.compile(r"(?<![\w.])\d+(?!\w|\.\d)")  # 4, "4/5", "4." - not "Person1", "v2", "3.5"
+LIST_ITEM = re.compile(r"[.)]\s+[A-Za-z]")  # what follows the number of "1. Read ..." / "2) Check ..."
+
+
+def is_list_marker(reply: str, number: re.Match) -> bool:
+    """Does ``number`` open a line as the number of a list item ("1. Read ..."), or go on a
+    list that an earlier line opened (its item cut off by the reply's length limit)?"""
+    line_start = reply.rfind("\n", 0, number.start()) + 1
+    if reply[line_start:number.start()].strip():
+        return False
+    return bool(LIST_ITEM.match(reply, number.end())) or any(
+        LIST_ITEM.match(reply, m.end()) for m in NUMBER.finditer(reply, 0, line_start)
+        if not reply[reply.rfind("\n", 0, m.start()) + 1:m.start()].strip())
+
+
 def rating_from_reply(reply: str, tokens: list[dict] | None) -> dict:
-    """The rating in a chat reply: the first integer, if it is 1-5 (else ``score`` None,
-    unparsed). With the reply's per-token ``logprobs`` the score is the expectation over
-    the ratings listed in ``top_logprobs`` where that integer was generated."""
-    found = re.search(r"\d+", reply)
+    """The rating in a chat reply: its first number, if it is 1-5 (else ``score`` None,
+    unparsed). A digit inside a word ("#Person1#") or a list marker ("1. Read the ...")
+    is not a number the judge gave. With the reply's per-token ``logprobs`` the score is
+    the expectation over the ratings listed in ``top_logprobs`` where that number was
+    generated."""
+    found = next((m for m in NUMBER.finditer(reply) if not is_list_marker(reply, m)), None)
     if found is None or found.group() not in RATINGS:
         return {"score": None, "argmax": None, "reply": reply}
     rating = int(found.group())
