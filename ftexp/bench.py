@@ -272,6 +272,15 @@ def preprocessing(name, cfg, tokenizer, records, cache) -> tuple[list[Row], dict
     return rows, {"prep_first_s": seconds[0], "prep_second_s": seconds[1]}
 
 
+def measured(fn, *args, **kwargs) -> tuple:
+    """(what ``fn`` returns, its wall seconds, the process's peak memory in MB while it ran)."""
+    gc.collect()
+    memory.reset_peak("cpu")
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start, memory.peak_mb("cpu")
+
+
 def end_to_end(name, cfg, base, records, eval_prompts, eval_labels, work, data_s) -> tuple[list[Row], dict]:
     """Row 4: ftexp's recipe, the plain TRL script and the study-style script, same steps, rows and base.
     The scripts are handed the prompt/completion rows; the recipe reads SST-2 and builds them itself
@@ -282,30 +291,16 @@ def end_to_end(name, cfg, base, records, eval_prompts, eval_labels, work, data_s
     run_dir = work / "ftexp_run"
 
     say(f"{name}: end to end, ftexp recipe")
-    gc.collect()
-    memory.reset_peak("cpu")
-    start = time.perf_counter()
-    m = recipes.finetune(with_keys(cfg, output_dir=str(run_dir), cache_dir=str(work / "ftexp_cache")))
-    ftexp_s = time.perf_counter() - start
-    ftexp_peak = memory.peak_mb("cpu")
+    m, ftexp_s, ftexp_peak = measured(recipes.finetune, with_keys(cfg, output_dir=str(run_dir),
+                                                                  cache_dir=str(work / "ftexp_cache")))
 
     say(f"{name}: end to end, plain TRL script")
-    gc.collect()
-    memory.reset_peak("cpu")
-    start = time.perf_counter()
-    trl = plain_trl_script(base, records, out_dir=str(work / "trl_script"), **same)
-    trl_s = time.perf_counter() - start
-    trl_peak = memory.peak_mb("cpu")
+    trl, trl_s, trl_peak = measured(plain_trl_script, base, records, out_dir=str(work / "trl_script"), **same)
 
     say(f"{name}: end to end, study-style script ({len(eval_prompts)} dev sentences one at a time)")
-    gc.collect()
-    memory.reset_peak("cpu")
-    start = time.perf_counter()
-    study = study_style_script(base, records, eval_prompts, eval_labels, max_length=t.max_length,
-                               max_new_tokens=cfg.task.generation.max_new_tokens, out_dir=str(work / "study_script"),
-                               **same)
-    study_s = time.perf_counter() - start
-    study_peak = memory.peak_mb("cpu")
+    study, study_s, study_peak = measured(study_style_script, base, records, eval_prompts, eval_labels,
+                                          max_length=t.max_length, max_new_tokens=cfg.task.generation.max_new_tokens,
+                                          out_dir=str(work / "study_script"), **same)
     gc.collect()
 
     what = "4 end to end"

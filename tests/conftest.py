@@ -78,3 +78,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def tiny_setup(cfg, tmp_path):
+    """(tokenizer, task, model, training records) of a composed tiny-model config."""
+    from ftexp import modeling, recipes
+    from ftexp.tasks import build_task
+
+    pool, train_rows, _ = recipes.load_data(cfg)
+    base = modeling.base_model_path(cfg, pool, tmp_path)
+    tok = modeling.load_tokenizer(base, cfg.model)
+    task = build_task(cfg.task, tokenizer=tok)
+    model = modeling.load_model(base, cfg.model, cfg.quant, "cpu")
+    return tok, task, model, task.to_records(train_rows)

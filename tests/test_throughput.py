@@ -12,20 +12,15 @@ import torch
 from datasets import Dataset
 from omegaconf import OmegaConf, open_dict
 
-from conftest import compose_cfg
-from ftexp import modeling, recipes, throughput, training
+from conftest import compose_cfg, tiny_setup
+from ftexp import modeling, throughput, training
 from ftexp.cache import tokenized_prefix
 from ftexp.config import ConfigError, validate
-from ftexp.tasks import build_task
 
 
 def _setup(cfg, tmp_path):
-    pool, train_rows, _ = recipes.load_data(cfg)
-    base = modeling.base_model_path(cfg, pool, tmp_path)
-    tok = modeling.load_tokenizer(base, cfg.model)
-    task = build_task(cfg.task, tokenizer=tok)
-    model = modeling.load_model(base, cfg.model, cfg.quant, "cpu")
-    return tok, model, task.to_records(train_rows)
+    tok, _, model, records = tiny_setup(cfg, tmp_path)
+    return tok, model, records
 
 
 def _train(overrides, tmp_path):

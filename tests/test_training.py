@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import compose_cfg
+from conftest import compose_cfg, tiny_setup
 from ftexp import modeling, recipes, training
 from ftexp.tasks import build_task
 
@@ -17,12 +17,7 @@ CONTRACT_KEYS = ["train/loss_first", "train/loss_last", "train/runtime_s", "trai
 
 
 def _setup(cfg, tmp_path):
-    pool, train_rows, _ = recipes.load_data(cfg)
-    base = modeling.base_model_path(cfg, pool, tmp_path)
-    tok = modeling.load_tokenizer(base, cfg.model)
-    task = build_task(cfg.task, tokenizer=tok)
-    model = modeling.load_model(base, cfg.model, cfg.quant, "cpu")
-    return tok, task, model, task.to_records(train_rows)
+    return tiny_setup(cfg, tmp_path)
 
 
 def test_trainer_batch_masks_prompt_tokens_and_keeps_completion_tokens(tmp_path):
