@@ -114,6 +114,34 @@ def test_parallel_workers_take_different_gpus_and_keep_them(tmp_path):
 # ----------------------------------------------------------------------------- reuse and records
 
 
+CLAIMER = """
+import json, sys, optuna
+from ftexp import sweep as sw
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+url = sys.argv[1]
+study = optuna.load_study(study_name="s", storage=url)
+taken = []
+for _ in range(60):
+    with sw.claim_lock(url):
+        taken.append(study.ask().number)
+print(json.dumps(taken))
+"""
+
+
+def test_two_workers_asking_at_once_never_take_the_same_waiting_trial(tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url)
+    for i in range(120):
+        study.enqueue_trial({}, user_attrs={"i": i})
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, url], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    first, second = (json.loads(p.communicate(timeout=120)[0]) for p in procs)
+    assert not set(first) & set(second)  # without the lock SQLite hands some trials to both
+    assert sorted(first + second) == list(range(120))
+
+
 def test_a_finished_run_with_the_same_config_is_reused_and_a_changed_one_is_not(tmp_path):
     cfg = OmegaConf.create({"train": {"n": 100, "seed": 1}, "logger": {"name": "none"}, "run_name": None,
                             "output_dir": str(tmp_path)})

@@ -4,7 +4,8 @@ It reads the stock hydra-optuna-sweeper's config but has its own ``sweep()``: th
 (1.4.0rc3) asks for ``n_trials`` *new* trials on every invocation, restarts job numbers (a
 rerun writes into earlier trials' folders), re-samples an exhausted grid and never takes over a
 trial whose process died. Here, on Optuna's and Hydra's public API: grid cells are WAITING
-trials (``enqueue_trial``) that ``ask`` hands to one worker each; a trial whose heartbeat is
+trials (``enqueue_trial``) that ``ask`` hands to one worker each (on SQLite, under
+``claim_lock``: SQLite ignores the row lock Optuna relies on); a trial whose heartbeat is
 older than ``stale_after_s`` runs again in its folder (``RetryFailedTrialCallback``);
 ``n_trials`` counts COMPLETE trials; a failed trial leaves ``failed.json`` and the sweep goes on.
 """
@@ -141,7 +142,7 @@ class FtexpSweeper(Sweeper):
 
         o = self.opts
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        url = o.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
+        self.url = url = o.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
         self.url_shown = make_url(url).render_as_string(hide_password=True)  # no password in logs
         try:  # a misspelt objective fails here, not after every trial has trained
             declared = tasks.metric(str(self.config.objective), str(self.config.task.kind))
@@ -194,47 +195,54 @@ class FtexpSweeper(Sweeper):
         budget = len(cells) if self.opts.n_trials is None else min(int(self.opts.n_trials), len(cells))
         tried: set[str] = set()
         while True:
-            optuna.storages.fail_stale_trials(study)  # a dead sweeper's trials run again
-            trials = study.get_trials(deepcopy=False)
-            done = {t.user_attrs.get(CELL) for t in trials if t.state == TrialState.COMPLETE} & by_key.keys()
-            held = {t.user_attrs.get(CELL) for t in trials if t.state in LIVE} & by_key.keys()
-            for key in [k for k in by_key if k not in done | held | tried][:max(budget - len(done | held), 0)]:
-                study.enqueue_trial({}, user_attrs={CELL: key, **by_key[key]})
-            jobs = []
-            while len(jobs) < self._batch() and len(done) + len(jobs) < budget and any(
-                    t.user_attrs.get(CELL) in by_key.keys() - tried
-                    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
-                trial = self._ask(study)
-                key = trial.user_attrs.get(CELL)
-                twins = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(CELL) == key and (
-                    t.state == TrialState.COMPLETE or (t.state in LIVE and t.number < trial.number))]
-                if key not in by_key or key in tried or twins:
-                    trial.set_user_attr(RELEASED, "its cell is run by another trial")
-                    study.tell(trial, state=TrialState.PRUNED)
-                else:
-                    tried.add(key)
-                    jobs.append((trial, by_key[key]))
+            with sw.claim_lock(self.url):
+                done, held, jobs = self._claim_cells(study, by_key, budget, tried)
             if not jobs:
                 return log.info("Grid of %d cell(s): %d finished%s.", len(cells), len(done),
                                 f", {len(held)} running in other workers" if held else "")
             self._launch(study, jobs)
 
+    def _claim_cells(self, study: optuna.Study, by_key: dict, budget: int, tried: set[str]):
+        """(cells finished, cells held by other workers, this worker's next trials) from the grid."""
+        optuna.storages.fail_stale_trials(study)  # a dead sweeper's trials run again
+        trials = study.get_trials(deepcopy=False)
+        done = {t.user_attrs.get(CELL) for t in trials if t.state == TrialState.COMPLETE} & by_key.keys()
+        held = {t.user_attrs.get(CELL) for t in trials if t.state in LIVE} & by_key.keys()
+        for key in [k for k in by_key if k not in done | held | tried][:max(budget - len(done | held), 0)]:
+            study.enqueue_trial({}, user_attrs={CELL: key, **by_key[key]})
+        jobs = []
+        while len(jobs) < self._batch() and len(done) + len(jobs) < budget and any(
+                t.user_attrs.get(CELL) in by_key.keys() - tried
+                for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
+            trial = self._ask(study)
+            key = trial.user_attrs.get(CELL)
+            twins = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(CELL) == key and (
+                t.state == TrialState.COMPLETE or (t.state in LIVE and t.number < trial.number))]
+            if key not in by_key or key in tried or twins:
+                trial.set_user_attr(RELEASED, "its cell is run by another trial")
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                tried.add(key)
+                jobs.append((trial, by_key[key]))
+        return done, held, jobs
+
     def _run_sampler(self, study: optuna.Study, space: dict) -> None:
         budget = int(self.opts.n_trials)
         while self.failures < max(budget, 1):
-            optuna.storages.fail_stale_trials(study)
-            room = budget - sum(t.state in COUNTED for t in study.get_trials(deepcopy=False))
             jobs = []
-            for _ in range(min(self._batch(), room)):
-                trial = self._ask(study)
-                if sum(t.number < trial.number and t.state in COUNTED for t in study.get_trials(deepcopy=False)) \
-                        >= budget:
-                    trial.set_user_attr(RELEASED, f"the budget n_trials={budget} was used up by other workers")
-                    study.tell(trial, state=TrialState.PRUNED)
-                    break
-                jobs.append((trial, {k: trial.suggest_categorical(k, d) if isinstance(d, list) else
-                                     (trial.suggest_int if isinstance(d, IntDistribution) else trial.suggest_float)(
-                                         k, d.low, d.high, log=d.log) for k, d in space.items()}))
+            with sw.claim_lock(self.url):
+                optuna.storages.fail_stale_trials(study)
+                room = budget - sum(t.state in COUNTED for t in study.get_trials(deepcopy=False))
+                for _ in range(min(self._batch(), room)):
+                    trial = self._ask(study)
+                    if sum(t.number < trial.number and t.state in COUNTED
+                           for t in study.get_trials(deepcopy=False)) >= budget:
+                        trial.set_user_attr(RELEASED, f"the budget n_trials={budget} was used up by other workers")
+                        study.tell(trial, state=TrialState.PRUNED)
+                        break
+                    jobs.append((trial, {k: trial.suggest_categorical(k, d) if isinstance(d, list) else
+                                         (trial.suggest_int if isinstance(d, IntDistribution) else trial.suggest_float)(
+                                             k, d.low, d.high, log=d.log) for k, d in space.items()}))
             if not jobs:
                 return log.info("Study holds %d finished trial(s) (n_trials=%d).", budget - room, budget)
             self._launch(study, jobs)
@@ -268,6 +276,8 @@ class FtexpSweeper(Sweeper):
                 if isinstance(ret, Exception):
                     raise ret
                 study.tell(trial, float(ret.return_value))  # a failed job's return_value raises its error
+            except optuna.exceptions.UpdateFinishedTrialError:
+                self._taken_over(trial)
             except Exception as err:  # noqa: BLE001 - recorded as the trial's failure
                 self._fail(study, trial, err, values)
         if self.failures / max(self.attempted, 1) > self.opts.max_failure_rate:
@@ -283,12 +293,21 @@ class FtexpSweeper(Sweeper):
     def _fail(self, study: optuna.Study, trial: optuna.Trial, err: BaseException, values: dict) -> None:
         self.failures += 1
         error = str(err) if isinstance(err, sw.TrialFailed) else records.error_summary(err)[0]
-        trial.set_user_attr(ERROR, error)
         folder = self.sweep_dir / trial.user_attrs[RUN_DIR]
         if not (folder / "failed.json").exists():  # the job never ran far enough to record itself
             records.write_failure(folder, err, values=values)
-        study.tell(trial, state=TrialState.FAIL)
+        try:
+            trial.set_user_attr(ERROR, error)
+            study.tell(trial, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return self._taken_over(trial)
         log.warning("Trial %d failed: %s (recorded; the sweep goes on)", trial.number, error)
+
+    def _taken_over(self, trial: optuna.Trial) -> None:
+        log.warning("Trial %d was closed by another worker while it ran here: its heartbeat looked stale "
+                    "(hydra.sweeper.stale_after_s=%s is too short for this machine, or the database was busy). "
+                    "What it wrote stays in %s.", trial.number, self.opts.stale_after_s,
+                    self.sweep_dir / trial.user_attrs[RUN_DIR])
 
     def _finish(self, study: optuna.Study) -> None:
         from ftexp import report  # pandas and matplotlib: only when a sweep ends
