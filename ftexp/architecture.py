@@ -10,6 +10,7 @@ it builds on none of them.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -88,6 +89,20 @@ def output_head_name(model) -> str | None:
     if head is None:
         return None
     return next((name.split(".")[-1] for name, module in model.named_modules() if module is head), None)
+
+
+def forward_params(model) -> set[str]:
+    """The keyword arguments the model's own forward takes (under a PEFT wrapper too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return set(inspect.signature(base.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the forward can run its output head on chosen positions only (``logits_to_keep``)."""
+    return "logits_to_keep" in forward_params(model)
 
 
 def parameter_count(model) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ftexp import architecture
 from ftexp.cli import command_line_keys
 from ftexp.config import ConfigError, RunConfig
 from ftexp.metrics import evaluate_library
@@ -186,23 +186,10 @@ def _generate_takes_a_cache(model) -> bool:
     return not (getattr(gen, "cache_implementation", None) or getattr(gen, "use_cache", True) is False)
 
 
-def _forward_params(model) -> set[str]:
-    """The keyword arguments the model's own forward takes (under a PEFT wrapper too)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return set(inspect.signature(base.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in _forward_params(model)
-
-
 def _cache_name(model) -> str:
     """The name of the key/value cache argument and output: ``cache`` in recent
     transformers 5 releases, ``past_key_values`` before."""
-    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+    return "cache" if "cache" in architecture.forward_params(model) else "past_key_values"
 
 
 def _prefix_cache(model, prefix: list[int], device, what: str):
@@ -214,7 +201,7 @@ def _prefix_cache(model, prefix: list[int], device, what: str):
     if not prefix or getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
         return None
     ids = torch.tensor([prefix], device=device)
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}  # only the cache is read
+    extra = {"logits_to_keep": 1} if architecture.takes_logits_to_keep(model) else {}  # only the cache is read
     try:
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **extra)
         cache = getattr(out, _cache_name(model), None)
@@ -377,7 +364,7 @@ class _Forward:
 
     def __init__(self, model, pad: int, device, prefix: list[int]):
         self.model, self.pad, self.device = model, pad, device
-        self.keep = _accepts_logits_to_keep(model)
+        self.keep = architecture.takes_logits_to_keep(model)
         self.cache = _prefix_cache(model, prefix, device, "likelihood")
         self.prefix = prefix if self.cache is not None else []
 

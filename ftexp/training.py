@@ -5,7 +5,8 @@ the loss covers completion tokens only. The rows come prepared (``sft_rows``: la
 -100 off the completion, cut to ``train.max_length``, packed with ``train.packing``)
 from the tokenized-row cache, and TRL's collator pads each batch to its own longest
 row; batches group rows of similar length (``train.group_by_length``), so little is
-padded. Encoder-decoder models train with transformers' Seq2SeqTrainer: the prompt
+padded. The output head runs only at positions whose next token is a label
+(ftexp/loss.py). Encoder-decoder models train with transformers' Seq2SeqTrainer: the prompt
 feeds the encoder and the completion is the labels.
 
 Every run reports its throughput (ftexp/throughput.py): real tokens per second, the
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from ftexp import distributed, throughput
+from ftexp import distributed, loss, throughput
 from ftexp.cache import tokenized_prefix
 from ftexp.config import ConfigError
 
@@ -168,8 +169,10 @@ def build_sft_trainer(cfg, model, tokenizer, train_records, out_dir: Path, devic
         # rows are cut already; TRL refuses a max_length it does not apply (padding-free without packing)
         max_length=None if t.padding_free and not t.packing else t.max_length,
     )
-    return SFTTrainer(model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
-                      callbacks=callbacks)
+    trainer = loss.with_completion_loss(SFTTrainer)(model=model, args=args, train_dataset=train_data,
+                                                     processing_class=tokenizer, callbacks=callbacks)
+    trainer.head_positions_only = loss.runs_on(model, device, head_adapter=False)
+    return trainer
 
 
 def truncate_rows(data, max_length: int, truncation: str):
@@ -255,8 +258,9 @@ def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Pa
 
     TRL's SFTTrainer refuses such a model: its loss reads log-probabilities straight
     from ``lm_head.weight``, so an adapter there would never train. transformers'
-    Trainer computes the loss through the model's own head instead, on the same
-    prepared rows (``sft_rows``) with TRL's own collator.
+    Trainer computes the loss through the model's own head instead (at labelled
+    positions only, ftexp.loss), on the same prepared rows (``sft_rows``) with TRL's
+    own collator.
     """
     from transformers import Trainer, TrainingArguments
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -268,8 +272,10 @@ def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Pa
     _took(timings, start)
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
                                                padding_free=bool(cfg.train.packing or cfg.train.padding_free))
-    return Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
-                   processing_class=tokenizer, callbacks=callbacks)
+    trainer = loss.with_completion_loss(Trainer)(model=model, args=args, train_dataset=data, data_collator=collator,
+                                                  processing_class=tokenizer, callbacks=callbacks)
+    trainer.head_positions_only = loss.runs_on(model, device, head_adapter=True)
+    return trainer
 
 
 CHECKPOINTS = "checkpoints"
