@@ -331,7 +331,8 @@ def end_to_end(name, cfg, base, records, eval_prompts, eval_labels, work, data_s
 
 
 def evaluation_speed(name, cfg, task, eval_rows, eval_prompts, eval_labels, run_dir) -> tuple[list[Row], dict]:
-    """Row 2: the model ftexp trained, on the dev sentences, three ways."""
+    """Row 2: the model ftexp trained, on the dev sentences, three ways; then ftexp's batched
+    generation alone, with and without the shared prompt prefix."""
     model, tokenizer = modeling.load_trained(cfg, run_dir, "cpu")
     n = len(eval_prompts)
     what = "2 evaluation"
@@ -354,10 +355,25 @@ def evaluation_speed(name, cfg, task, eval_rows, eval_prompts, eval_labels, run_
         rate[key] = n / m["eval/runtime_s"]
         rows.append(Row(name, what, variant, time=f"{num(m['eval/runtime_s'])} s", throughput=f"{num(rate[key])} ex/s",
                         accuracy=f"{m['eval/accuracy']:.3f}", note=f"n={n}"))
+
+    outputs = {}  # batched generation alone, the prompt prefix shared and not: same batches, same outputs?
+    for share in (False, True):
+        variant = f"generate, batched, prompt prefix {'shared (ftexp)' if share else 'not shared'}"
+        say(f"{name}: evaluation, {variant}")
+        start = time.perf_counter()
+        outputs[share] = evaluation.generate(model, tokenizer, eval_prompts, task.cfg.generation,
+                                             batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, share_prefix=share)
+        seconds = time.perf_counter() - start
+        rate["shared" if share else "unshared"] = n / seconds
+        rows.append(Row(name, what, variant, time=f"{num(seconds)} s", throughput=f"{num(n / seconds)} ex/s",
+                        note=f"n={n}, generation only" + (", outputs identical to the unshared ones: "
+                                                          f"{'yes' if outputs[True] == outputs[False] else 'NO'}"
+                                                          if share else "")))
     del model
     gc.collect()
     return rows, {"eval_one_per_s": rate["one"], "eval_batched_per_s": rate["batched"],
-                  "eval_likelihood_per_s": rate["likelihood"]}
+                  "eval_likelihood_per_s": rate["likelihood"], "eval_shared_per_s": rate["shared"],
+                  "eval_unshared_per_s": rate["unshared"], "shared_same": outputs[True] == outputs[False]}
 
 
 # ----------------------------------------------------------------------------- one model
@@ -452,6 +468,8 @@ def ratio_rows(name: str, r: dict) -> list[list[str]]:
         ("study-style script / ftexp, training + evaluation only", r["study_train_eval_s"] / r["ftexp_train_eval_s"]),
         ("batched generate speed-up over one generate() per sentence", r["eval_batched_per_s"] / r["eval_one_per_s"]),
         ("likelihood speed-up over one generate() per sentence", r["eval_likelihood_per_s"] / r["eval_one_per_s"]),
+        ("batched generation, prompt prefix shared / not shared: speed-up (outputs identical: "
+         f"{'yes' if r['shared_same'] else 'NO'})", r["eval_shared_per_s"] / r["eval_unshared_per_s"]),
         ("preparing rows: second trial / first trial", r["prep_second_s"] / r["prep_first_s"]),
     ]
     return [[name, what, num(value)] for what, value in out]

@@ -79,6 +79,12 @@ def test_quick_benchmark_writes_every_row_with_numbers(tmp_path, shared_data):
         assert _number(row["time"], "s") > 0 and _number(row["throughput"], "ex/s") > 0
         assert 0 <= float(row["accuracy"]) <= 1 and row["note"] == "n=8"
 
+    # batched generation with and without the shared prompt prefix: the same outputs
+    unshared = rows[("2 evaluation", "generate, batched, prompt prefix not shared")]
+    shared = rows[("2 evaluation", "generate, batched, prompt prefix shared (ftexp)")]
+    assert _number(unshared["time"], "s") > 0 and _number(shared["time"], "s") > 0
+    assert shared["note"] == "n=8, generation only, outputs identical to the unshared ones: yes"
+
     # 3: the second trial finds every row in the cache the first one wrote
     first = rows[("3 preparing training rows", "first trial")]
     second = rows[("3 preparing training rows", "second trial")]
@@ -101,7 +107,8 @@ def test_quick_benchmark_writes_every_row_with_numbers(tmp_path, shared_data):
 
     # 5: every ratio a positive number
     ratios = {r[1]: float(r[2].replace(",", "")) for r in _table(report, "| model | ratio |")}
-    assert len(ratios) == 8 and all(v > 0 for v in ratios.values())
+    assert len(ratios) == 9 and all(v > 0 for v in ratios.values())
+    assert any(k.endswith("(outputs identical: yes)") for k in ratios)
     assert "ftexp train time / plain TRL script train time" in ratios
 
 
