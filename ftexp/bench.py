@@ -8,11 +8,13 @@ On the real SST-2 files (``--data``, GLUE layout), for each model, in one proces
 side, from the same base weights and the same rows, on the CPU:
 
 1. training: one LoRA step (r=8, every linear layer) of 16 sentences, batches padded to their
-   own longest row (ftexp's default), padded to train.max_length, packed, padding-free:
-   seconds per step, real tokens per second, MFU, the step's time over the time its FLOPs
-   take at the ceiling (a 2048x2048 fp32 matmul on this CPU), peak memory;
+   own longest row (ftexp's default), the same without LoRA dropout, padded to
+   train.max_length, packed, padding-free: seconds per step, real tokens per second, MFU, the
+   step's time over the time its FLOPs take at the ceiling (a 2048x2048 fp32 matmul on this
+   CPU, measured again after every step), peak memory;
 2. evaluation: dev sentences per second, one ``model.generate()`` per sentence, ftexp's
-   batched generation, ftexp's label likelihood;
+   batched generation, ftexp's label likelihood; batched generation with and without the
+   shared prompt prefix;
 3. preparing the training rows: the first trial against a second one that finds them in
    the tokenized-row cache (``cache_dir``);
 4. end to end, the same number of steps each: ftexp's recipe, a plain TRL script and a
@@ -33,6 +35,7 @@ import gc
 import platform
 import re
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -192,27 +195,53 @@ def with_keys(cfg, **keys):
     return out
 
 
-def ceiling_flops(repeats: int) -> float:
-    """FLOP/s of a 2048x2048 fp32 matmul on this CPU, best of ``repeats`` (ftexp's own peak measure)."""
-    return throughput.matmul_flops(torch.float32, CEILING_SIZE, repeats)
+class Ceiling:
+    """The matmul ceiling: a 2048x2048 fp32 matmul's FLOP/s on this CPU (ftexp's own peak measure),
+    measured at the start and again right after every timed training step. Other jobs on a
+    shared machine slow a matmul as much as a step, so each step is set against the measurement
+    made next to it; ``best`` (the highest seen) stands for the hardware where one figure is needed."""
+
+    def __init__(self):
+        self.seen: list[float] = []
+
+    def measure(self, repeats: int = 2) -> float:
+        flops = throughput.matmul_flops(torch.float32, CEILING_SIZE, repeats)
+        self.seen.append(flops)
+        return flops
+
+    @property
+    def best(self) -> float:
+        return max(self.seen)
+
+    def summary(self) -> str:
+        seen = sorted(self.seen)
+        return (f"best {seen[-1] / 1e9:,.1f} GFLOP/s, median {statistics.median(seen) / 1e9:,.1f}, lowest "
+                f"{seen[0] / 1e9:,.1f}, over {len(seen)} measurements")
 
 
 class StepClock(TrainerCallback):
-    """The time at the end of every optimizer step and the real tokens trained by then."""
+    """Each optimizer step's seconds and real tokens, then the ceiling measured right after it
+    (outside the step's time)."""
 
-    def __init__(self, counter: throughput.TokenCounter):
-        self.counter = counter
-        self.marks: list[tuple[float, int]] = []
+    def __init__(self, counter: throughput.TokenCounter, ceiling: Ceiling):
+        self.counter, self.ceiling = counter, ceiling
+        self.steps: list[tuple[float, int, float]] = []  # (seconds, real tokens, ceiling FLOP/s)
+        self.began, self.tokens = 0.0, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.began, self.tokens = time.perf_counter(), self.counter.totals()[0]
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((time.perf_counter(), self.counter.totals()[0]))
+        seconds = time.perf_counter() - self.began
+        self.steps.append((seconds, self.counter.totals()[0] - self.tokens, self.ceiling.measure()))
 
 
-def training_step(name, cfg, base, tokenizer, records, ceiling, work, variant, pad_to_max=False, **keys) -> tuple:
+def training_step(name, cfg, base, tokenizer, records, ceiling: Ceiling, work, variant, pad_to_max=False,
+                  **keys) -> tuple:
     """Row 1: ftexp's LoRA trainer (``training.build_sft_trainer``) for ``cfg.train.max_steps`` steps.
     The first step warms up and is left out; the others give the seconds and real tokens per step
     (means: length-grouped batches differ in length on purpose, so a median time would not pair
-    with their tokens)."""
+    with their tokens), each step set against the ceiling measured right after it."""
     cfg = with_keys(cfg, **keys)
     try:
         validate(cfg)
@@ -234,7 +263,7 @@ def training_step(name, cfg, base, tokenizer, records, ceiling, work, variant, p
     if pad_to_max:  # every row padded to train.max_length (TRL's collator pads to a multiple of it)
         trainer.data_collator.pad_to_multiple_of = cfg.train.max_length
     counter = throughput.TokenCounter(trainer.model)
-    clock = StepClock(counter)
+    clock = StepClock(counter, ceiling)
     trainer.add_callback(clock)
     try:
         trainer.train()
@@ -242,11 +271,11 @@ def training_step(name, cfg, base, tokenizer, records, ceiling, work, variant, p
         counter.remove()
     peak = memory.peak_mb("cpu")
     real, padded = counter.totals()
-    (t1, tokens1), (tn, tokens_n) = clock.marks[0], clock.marks[-1]
-    timed = len(clock.marks) - 1
-    step_s = (tn - t1) / timed
-    tokens_per_step = (tokens_n - tokens1) / timed
-    ceiling_s = per_token * tokens_per_step / ceiling  # the step's FLOPs at the matmul ceiling
+    timed = clock.steps[1:]  # the first step warms up
+    step_s = sum(s for s, _, _ in timed) / len(timed)
+    tokens_per_step = sum(t for _, t, _ in timed) / len(timed)
+    # each step's FLOPs at the ceiling measured next to it
+    ceiling_s = sum(per_token * t / c for _, t, c in timed) / len(timed)
     mfu = ceiling_s / step_s
     del trainer, model
     gc.collect()
@@ -406,11 +435,11 @@ def unavailable(cfg) -> str | None:
     return None
 
 
-def bench_model(name, args, data: Path, ceiling: float, work: Path) -> tuple[list[Row], dict, str]:
+def bench_model(name, args, data: Path, ceiling: Ceiling, work: Path) -> tuple[list[Row], dict, str]:
     """Every measurement of one model: its table rows, the raw figures for the ratios, and a line
     saying what ran."""
     steps = args.steps or DEFAULT_STEPS.get(name, REAL_MODEL_STEPS)
-    cfg = compose(name, data, steps, args.train_n, args.eval_n, ceiling, args.quick)
+    cfg = compose(name, data, steps, args.train_n, args.eval_n, ceiling.best, args.quick)
     reason = unavailable(cfg)
     if reason:
         raise Skipped(reason)
@@ -437,6 +466,7 @@ def bench_model(name, args, data: Path, ceiling: float, work: Path) -> tuple[lis
     cfg = with_keys(cfg, cache_dir=str(work / "prep_cache"))
     step_rows = []
     for variant, keys in [("dynamic padding (ftexp default)", {}),
+                          ("dynamic padding, lora.dropout=0", {"lora__dropout": 0.0}),
                           (f"padded to max_length {cfg.train.max_length}", {"pad_to_max": True}),
                           ("packing", {"train__packing": True, "model__attn_implementation": "flash_attention_2"}),
                           ("padding-free", {"train__padding_free": True,
@@ -447,8 +477,12 @@ def bench_model(name, args, data: Path, ceiling: float, work: Path) -> tuple[lis
             raw.update(figures)
         elif figures and keys.get("pad_to_max"):
             raw["padded_step_s"] = figures["step_s"]
+        elif figures and "lora__dropout" in keys:
+            raw["no_dropout_over_ceiling"] = figures["over_ceiling"]
 
-    # 4: end to end; then 2: evaluation speed, on the model ftexp trained there
+    # 4: end to end (ftexp's train/mfu against the best ceiling seen); then 2: evaluation speed, on
+    # the model ftexp trained there
+    cfg = with_keys(cfg, train__peak_flops=ceiling.best)
     e2e_rows, e2e = end_to_end(name, cfg, base, records, eval_prompts, eval_labels, work, data_s)
     raw.update(e2e)
     eval_out, speed = evaluation_speed(name, cfg, task, eval_rows, eval_prompts, eval_labels, work / "ftexp_run")
@@ -462,6 +496,7 @@ def bench_model(name, args, data: Path, ceiling: float, work: Path) -> tuple[lis
 def ratio_rows(name: str, r: dict) -> list[list[str]]:
     out = [
         ("ftexp training step time / its FLOPs at the ceiling (dynamic padding; 1 / MFU)", r["over_ceiling"]),
+        ("the same without LoRA dropout (lora.dropout=0)", r["no_dropout_over_ceiling"]),
         ("step time padded to max_length / dynamic padding", r["padded_step_s"] / r["step_s"]),
         ("ftexp train time / plain TRL script train time", r["ftexp_train_s"] / r["trl_train_s"]),
         ("study-style script end to end / ftexp end to end (totals)", r["study_total_s"] / r["ftexp_total_s"]),
@@ -522,7 +557,7 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def environment(ceiling: float, repeats: int) -> str:
+def environment(ceiling: Ceiling, repeats: int) -> str:
     import peft
     import transformers
     import trl
@@ -530,8 +565,10 @@ def environment(ceiling: float, repeats: int) -> str:
     return (f"Machine: {throughput.cpu_name()}, {torch.get_num_threads()} torch threads, {platform.system()}; "
             f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {trl.__version__}, "
             f"peft {peft.__version__}.\n"
-            f"Ceiling: {ceiling / 1e9:,.1f} GFLOP/s, a {CEILING_SIZE}x{CEILING_SIZE} fp32 matmul on this CPU, best of "
-            f"{repeats}. A LoRA step's FLOPs: 4 x parameters x real tokens (ftexp.throughput.flops_per_token).")
+            f"Ceiling: a {CEILING_SIZE}x{CEILING_SIZE} fp32 matmul on this CPU, measured at the start (best of "
+            f"{repeats}) and right after every training step (best of 2): {ceiling.summary()}. Each step's "
+            "`step / ceiling` uses the measurement made next to it; the end-to-end MFU uses the best. A LoRA "
+            "step's FLOPs: 4 x parameters x real tokens (ftexp.throughput.flops_per_token).")
 
 
 def run(args, command: str) -> str:
@@ -540,7 +577,8 @@ def run(args, command: str) -> str:
         torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 5
     say(f"ceiling: {CEILING_SIZE}x{CEILING_SIZE} fp32 matmul, best of {repeats}, {torch.get_num_threads()} threads")
-    ceiling = ceiling_flops(repeats)
+    ceiling = Ceiling()
+    ceiling.measure(repeats)
     rows: list[Row] = []
     ratios: list[list[str]] = []
     setups: list[str] = []

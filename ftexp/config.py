@@ -591,15 +591,6 @@ def check_tiny_quant_blocks(cfg: DictConfig) -> None:
         )
 
 
-def check_objective_area(cfg: DictConfig) -> None:
-    area = str(cfg.objective).split("/")[0]
-    if "/" not in str(cfg.objective) or area not in ("train", "eval", "judge", "model"):
-        raise ConfigError(
-            f"objective={cfg.objective!r}: name a metrics.json key such as eval/accuracy, eval/rougeL or "
-            "eval/mcrmse (areas: train/, eval/, judge/, model/)."
-        )
-
-
 RULES = (
     check_known_keys,
     check_quantization_trains_adapters,
@@ -620,7 +611,6 @@ RULES = (
     check_precision,
     check_shots,
     check_tiny_quant_blocks,
-    check_objective_area,
 )
 
 

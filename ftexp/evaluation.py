@@ -521,7 +521,10 @@ def metric_names(cfg, task, record: dict) -> set[str]:
 
 
 def check_objective(cfg, task, eval_rows) -> None:
-    """Refuse an eval/ objective this run will not produce, before any training."""
+    """Refuse an objective this run will not write, before any training.
+
+    ``tasks.check_objective`` has already refused names the task kind does not declare;
+    this check knows the run: its judge, its eval methods and its task's label words."""
     objective = str(cfg.objective)
     if objective.startswith("judge/"):
         if cfg.judge.name == "none":

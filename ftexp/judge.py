@@ -60,8 +60,6 @@ from ftexp.tasks.base import chat_prompt
 log = logging.getLogger(__name__)
 
 RATINGS = ("1", "2", "3", "4", "5")
-# judge/* keys that are not a criterion's score
-BOOKKEEPING = ("n", "unparsed", "failed", "requests", "cache_hits", "rating_mass", "control_ok")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 

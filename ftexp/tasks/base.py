@@ -76,7 +76,9 @@ RUN_METRICS = (
     Metric("train/trainable_params", "minimize", ",d"), Metric("model/weight_memory_mb", "minimize", ".0f"),
     Metric("eval/runtime_s", "minimize", ".1f"), Metric("eval/n", "maximize", "d"),
 )
-# What an LLM judge writes (ftexp/judge.py): ratings 1-5 per criterion, higher is better
+# What an LLM judge writes (ftexp/judge.py): ratings 1-5 per criterion, higher is better,
+# and these judge/* keys that count or check rather than rate
+JUDGE_BOOKKEEPING = ("n", "unparsed", "failed", "requests", "cache_hits", "rating_mass", "control_ok")
 JUDGE_METRICS = (
     Metric("judge/unparsed", "minimize", "d"), Metric("judge/failed", "minimize", "d"),
     Metric("judge/requests", "minimize", "d"), Metric("judge/cache_hits", "maximize", "d"),
