@@ -329,7 +329,44 @@ def attach_adapters(model, lcfg, qcfg, gradient_checkpointing: bool = False):
     config = lora_config(lcfg, model, task_type)
     log.info("LoRA r=%d alpha=%d dropout=%.2f on %s", lcfg.r, lcfg.alpha, lcfg.dropout,
              ", ".join(sorted(config.target_modules)))
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    for module in model.modules():  # peft's LoRA layers keep their input dropout in ``lora_dropout``
+        for name, dropout in getattr(module, "lora_dropout", {}).items():
+            if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                module.lora_dropout[name] = LoraDropout(dropout.p)
+    return model
+
+
+class LoraDropout(torch.nn.Module):
+    """Dropout on a LoRA layer's input: torch's own on accelerators, cheaper random bits on a CPU.
+
+    A LoRA step drops out the input of every adapted layer (seven per block on every linear
+    layer). torch draws a CPU dropout mask one 32-bit number per element, single-threaded
+    where MKL's generator is not used (AMD CPUs): 20% of a SmolLM2 LoRA step on 2 cores.
+    Here each 64-bit draw gives four 16-bit numbers, and an element is dropped when its
+    number falls under p x 65536, so p holds to 1/65536 (0.05 drops 0.0500031 of the
+    elements). Kept elements are scaled by 1 / (1 - p), as torch's dropout scales them.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability {p} is not in [0, 1)")
+        self.p = p
+        self.below = round(p * 65536) - 32768  # int16 numbers under this are dropped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, training=True)
+        n = x.numel()
+        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)
+        keep = draws.view(torch.int16)[:n].view(x.shape) >= self.below
+        return torch.where(keep, x * (1 / (1 - self.p)), 0.0)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -82,7 +82,7 @@ def metric_columns(cells: list[Cell], objective: str | None) -> list[tuple[str, 
     kinds = {r.config.get("task.kind") for c in cells for r in c.runs} & set(KINDS)
     declared = {m.name for kind in kinds for m in KINDS[kind].metrics} if kinds else present
     cols = [(name, key) for key, name in METRIC_NAMES.items() if key in declared]
-    judge = [k for k in sorted(present) if k.startswith("judge/") and k[6:] not in JUDGE_BOOKKEEPING  # a score per criterion
+    judge = [k for k in sorted(present) if k.startswith("judge/") and k[6:] not in JUDGE_BOOKKEEPING  # a criterion
              and not k[6:].startswith("control_") and not k.endswith(("_argmax", "_lo", "_hi"))]
     cols += [(f"Judge {k[6:].replace('reference_', 'reference ')}", k) for k in judge]
     return cols + ([(objective, objective)] if objective and objective not in [k for _, k in cols] else [])
