@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -320,6 +321,10 @@ class JudgeConfig:
     # between true and mismatched pairs shows whether the judge can tell them apart
     control: bool = False
     max_examples: Optional[int] = None  # judge the first k examples only
+    # a run folder with the zero-shot model's predictions on the same examples: rated too
+    # (judge/baseline_<criterion>), and the validity verdict holds the references against them
+    # (without it, against this run's own predictions: right when they are the zero-shot ones)
+    baseline: Optional[str] = None
     batch_size: int = 8
     max_source_chars: int = 6000  # a longer source is cut (its start kept) to bound the prompt
     seed: int = 0  # the control derangement and the bootstrap
@@ -478,6 +483,13 @@ def check_judge_max_examples(cfg: DictConfig) -> None:
         raise ConfigError(f"judge.max_examples={j.max_examples}: at least 1, or null for every example.")
 
 
+def check_judge_baseline(cfg: DictConfig) -> None:
+    j = cfg.judge
+    if j.name != "none" and j.baseline and not (Path(str(j.baseline)) / "predictions.jsonl").is_file():
+        raise ConfigError(f"judge.baseline={j.baseline}: no predictions.jsonl there. Point it at the folder of an "
+                          "evaluate.py run of the base model (zero-shot) on the same data and eval.n.")
+
+
 def check_packing_attention(cfg: DictConfig) -> None:
     """Packed and padding-free batches keep their rows apart by position ids only, which flash
     attention's variable-length kernels read; TRL supports them with flash attention alone
@@ -606,6 +618,7 @@ RULES = (
     check_judge_model,
     check_judge_criteria,
     check_judge_max_examples,
+    check_judge_baseline,
     check_likelihood_needs_classification,
     check_classification_labels,
     check_precision,

@@ -10,7 +10,11 @@ recorded beside it, and the probability mass the five ratings held.
 ``judge.references`` rates the reference summaries too, so model and human can be
 compared. ``judge.control`` rates each reference against a *different* source (a
 seeded derangement): a judge that cannot tell a true pair from a mismatched one
-has a gap near 0, and is flagged. Scores are cached in ``<cache_dir>/judge/``, keyed
+has a gap near 0, and is flagged. With the control on, each criterion gets a verdict,
+``judge/valid_<criterion>``: valid when the gap's bootstrap 95% interval lies above 0
+and the references rate at least as high as the zero-shot summaries
+(``judge.baseline``, a zero-shot run's folder; else this run's own predictions).
+The result line and the sweep report show it. Scores are cached in ``<cache_dir>/judge/``, keyed
 by the judge model, the criterion's prompt and the pair, so an identical rerun
 makes no model calls.
 
@@ -410,10 +414,13 @@ def judge_predictions(cfg, task, records: Sequence[dict], rows: list[dict], devi
             if g is not None and "reply" in g:  # what the server said, parsed or not
                 rows[i].setdefault(f"{rows_key}_reply", {})[c] = g["reply"]
 
+    baseline = baseline_predictions(j.baseline, rows[:n]) if j.baseline else None
     for c, criterion_prompt in j.criteria.items():
         got = judge.rate(str(criterion_prompt), list(zip(sources, predictions)), f"{c} (predictions)")
         summarise(got, c)
         keep("judge", c, got)
+        if baseline is not None:
+            summarise(judge.rate(str(criterion_prompt), list(zip(sources, baseline)), f"{c} (baseline)"), f"baseline_{c}")
         if refs:
             true = judge.rate(str(criterion_prompt), list(zip(sources, refs)), f"{c} (references)")
             if j.references:
@@ -428,6 +435,11 @@ def judge_predictions(cfg, task, records: Sequence[dict], rows: list[dict], devi
                 lo, hi = bootstrap_interval(gaps, j.seed) if gaps else (float("nan"), float("nan"))
                 metrics[f"judge/control_gap_{c}"] = float(np.mean(gaps)) if gaps else float("nan")
                 metrics[f"judge/control_gap_{c}_lo"], metrics[f"judge/control_gap_{c}_hi"] = lo, hi
+                # the verdict: true pairs above mismatched ones, and references not below the zero-shot summaries
+                rated_refs = [t["score"] for t in true if t is not None and t["score"] is not None]
+                floor = metrics[f"judge/baseline_{c}" if baseline is not None else f"judge/{c}"]
+                metrics[f"judge/valid_{c}"] = int(judge_is_valid(lo, float(np.mean(rated_refs)) if rated_refs
+                                                                 else float("nan"), floor))
     if tally["masses"]:  # how much the judge wanted to answer 1-5 (when its probabilities are known)
         metrics["judge/rating_mass"] = float(np.mean(tally["masses"]))
     metrics["judge/unparsed"] = tally["unparsed"]  # replies with no rating 1-5 in them (never guessed)
@@ -437,4 +449,32 @@ def judge_predictions(cfg, task, records: Sequence[dict], rows: list[dict], devi
     if j.control and "consistency" in j.criteria:
         # the validity check: a judge must rate a summary above one of another conversation
         metrics["judge/control_ok"] = int(bool(metrics["judge/control_gap_consistency_lo"] > 0))
+    if j.control:  # what the references were held against: the zero-shot run's summaries, or these predictions
+        metrics["judge/valid_against"] = str(j.baseline) if baseline is not None else "predictions"
     return metrics
+
+
+def judge_is_valid(control_gap_lo: float, reference: float, zero_shot: float) -> bool:
+    """A judge is valid for a criterion when it rates a reference with its own conversation above
+    the same reference with another one (the 95% interval of the gap lies above 0), and rates
+    the references at least as high as a zero-shot model's summaries. NaN (nothing rated) fails."""
+    return bool(control_gap_lo > 0 and reference >= zero_shot)
+
+
+def baseline_predictions(run_dir: str, rows: Sequence[dict]) -> list[str]:
+    """``judge.baseline``: the predictions of another run (the zero-shot one) on the same examples,
+    in the same order; rated beside this run's so the verdict can hold the references against them."""
+    path = Path(run_dir) / "predictions.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"judge.baseline={run_dir}: no predictions.jsonl there. Point it at the folder of an "
+                          "evaluate.py run of the base model (zero-shot) on the same data and eval.n.")
+    theirs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if len(theirs) < len(rows):
+        raise ConfigError(f"judge.baseline={run_dir} holds {len(theirs)} predictions, and {len(rows)} are judged. "
+                          "Evaluate the baseline with the same eval.n, or lower judge.max_examples.")
+    for i, (mine, other) in enumerate(zip(rows, theirs)):
+        if "references" in mine and "references" in other and mine["references"] != other["references"]:
+            raise ConfigError(f"judge.baseline={run_dir}: its example {i} is another example than this run's "
+                              "(different references). Evaluate the baseline with the same data, eval.n and "
+                              "eval.seed as this run.")
+    return [str(r.get("prediction", "")) for r in theirs[:len(rows)]]

@@ -272,6 +272,11 @@ def result_row(metrics: dict, objective: str, criteria=()) -> str:
             lo, hi = metrics["judge/control_gap_consistency_lo"], metrics["judge/control_gap_consistency_hi"]
             flag = "" if lo > 0 else " JUDGE CANNOT TELL A TRUE SUMMARY FROM A WRONG ONE"
             parts.append(f"consistency gap {metrics['judge/control_gap_consistency']:+.2f} [{lo:+.2f}, {hi:+.2f}]{flag}")
+        verdicts = [c for c in criteria if f"judge/valid_{c}" in metrics]
+        if verdicts:  # judge.control: the validity check per criterion (ftexp/judge.py judge_is_valid)
+            bad = [c for c in verdicts if not metrics[f"judge/valid_{c}"]]
+            parts.append(f"judge valid for {', '.join(c for c in verdicts if c not in bad) or 'no criterion'}"
+                         + (f", INVALID for {', '.join(bad)}" if bad else ""))
         lost = "".join(f", {metrics[f'judge/{k}']} {k}" for k in ("unparsed", "failed") if metrics.get(f"judge/{k}"))
         parts.append(f"judge calls {metrics['judge/requests']} (cache {metrics['judge/cache_hits']}{lost})")
     if "train/loss_first" in metrics:

@@ -83,7 +83,7 @@ def metric_columns(cells: list[Cell], objective: str | None) -> list[tuple[str, 
     declared = {m.name for kind in kinds for m in KINDS[kind].metrics} if kinds else present
     cols = [(name, key) for key, name in METRIC_NAMES.items() if key in declared]
     judge = [k for k in sorted(present) if k.startswith("judge/") and k[6:] not in JUDGE_BOOKKEEPING  # a criterion
-             and not k[6:].startswith("control_") and not k.endswith(("_argmax", "_lo", "_hi"))]
+             and not k[6:].startswith(("control_", "valid_")) and not k.endswith(("_argmax", "_lo", "_hi"))]
     cols += [(f"Judge {k[6:].replace('reference_', 'reference ')}", k) for k in judge]
     return cols + ([(objective, objective)] if objective and objective not in [k for _, k in cols] else [])
 
@@ -135,7 +135,10 @@ class Table:
         self.title, self.n_runs = sweep_dir.name, len(runs)
         self.objective = next(iter(pd.Series([r.config.get("objective") for r in runs], dtype=object).mode()), None)
         self.metric_cols = metric_columns([Cell({}, list(self.runs["run"]))], self.objective)
-        numbers = {**dict(self.metric_cols), **COSTS}  # column -> metric key
+        present = {k for r in self.runs["run"] if r.metrics for k in r.metrics}
+        self.verdicts = {f"valid {k[12:]}": k for k in sorted(present) if k.startswith("judge/valid_")
+                         and k != "judge/valid_against"}  # the judge's validity per criterion (ftexp/judge.py)
+        numbers = {**dict(self.metric_cols), **COSTS, **self.verdicts}  # column -> metric key
         values = self.runs.reindex(columns=list(numbers.values())).astype(float).where(self.runs["status"] == "ok")
         values = values.set_axis(list(numbers), axis=1).groupby(self.runs["cell"])
 
@@ -166,6 +169,8 @@ class Table:
         if t["Irregular output"].notna().any():  # a whole count for one run, one decimal for a mean
             out["Irregular output"] = [stat(m, s, int(pd.notna(s)))
                                        for m, s in zip(t["Irregular output"], t["Irregular output std"])]
+        if self.verdicts:  # so nobody reads an invalid judge's ratings as findings
+            out["Judge verdict"] = [verdict(row) for row in t[list(self.verdicts)].to_dict("records")]
         for column, unit in UNITS.items():  # "Wall time (s)" is shown as "Wall time"
             out[column.split(" (")[0]] = t[column].map(unit, na_action="ignore").fillna("")
         if "train.seed" in self.axes or (t["tries"] > 1).any():
@@ -202,6 +207,15 @@ class Table:
             ax.annotate(method, (0.01, mean), xycoords=("axes fraction", "data"), fontsize=8, color="gray", va="bottom")
         ax.set(xlabel="LoRA rank r" if x == "lora.r" else "training examples (n)", ylabel=name, title=self.title)
         ax.figure.savefig(path, dpi=120)
+
+
+def verdict(valid: dict) -> str:
+    """A cell's judge verdict from its mean judge/valid_<criterion> values: "valid", or the
+    criteria the judge failed its check on (control gap not above 0, or references below zero-shot)."""
+    failed = [name[6:] for name, v in valid.items() if pd.notna(v) and v < 1]
+    if all(pd.isna(v) for v in valid.values()):
+        return ""
+    return f"INVALID for {', '.join(failed)}" if failed else "valid"
 
 
 def write_report(sweep_dir: Path, baselines: list[Path] = (), out_dir: Path | None = None) -> list[Path]:

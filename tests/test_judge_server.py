@@ -199,6 +199,7 @@ def test_a_run_judged_by_a_server_writes_no_key_anywhere(server, tmp_path, caplo
                                            "judge.references", "judge.control", "cache_dir"])
     assert got["judge/n"] == 4 and got["judge/relevance"] == 3 and got["judge/reference_fluency"] == 3
     assert got["judge/control_gap_consistency"] == 0 and got["judge/control_ok"] == 0  # a judge that always says 3
+    assert all(got[f"judge/valid_{c}"] == 0 for c in ("relevance", "coherence", "consistency", "fluency"))
     assert got["judge/requests"] == 4 * 4 * 3 and got["judge/unparsed"] == 0
     saved = (tmp_path / "judged" / "config.yaml").read_text()
     assert "api_key_env: FTEXP_JUDGE_KEY" in saved  # the variable's name, never its value

@@ -78,7 +78,8 @@ RUN_METRICS = (
 )
 # What an LLM judge writes (ftexp/judge.py): ratings 1-5 per criterion, higher is better,
 # and these judge/* keys that count or check rather than rate
-JUDGE_BOOKKEEPING = ("n", "unparsed", "failed", "requests", "cache_hits", "rating_mass", "control_ok")
+JUDGE_BOOKKEEPING = ("n", "unparsed", "failed", "requests", "cache_hits", "rating_mass", "control_ok",
+                    "valid_against")
 JUDGE_METRICS = (
     Metric("judge/unparsed", "minimize", "d"), Metric("judge/failed", "minimize", "d"),
     Metric("judge/requests", "minimize", "d"), Metric("judge/cache_hits", "maximize", "d"),
