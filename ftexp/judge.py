@@ -464,10 +464,7 @@ def judge_is_valid(control_gap_lo: float, reference: float, zero_shot: float) ->
 def baseline_predictions(run_dir: str, rows: Sequence[dict]) -> list[str]:
     """``judge.baseline``: the predictions of another run (the zero-shot one) on the same examples,
     in the same order; rated beside this run's so the verdict can hold the references against them."""
-    path = Path(run_dir) / "predictions.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"judge.baseline={run_dir}: no predictions.jsonl there. Point it at the folder of an "
-                          "evaluate.py run of the base model (zero-shot) on the same data and eval.n.")
+    path = Path(run_dir) / "predictions.jsonl"  # its presence is checked by config.check_judge_baseline
     theirs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if len(theirs) < len(rows):
         raise ConfigError(f"judge.baseline={run_dir} holds {len(theirs)} predictions, and {len(rows)} are judged. "
