@@ -117,6 +117,24 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert "failed: ConfigError: train.n=0" in row
 
 
+def test_a_trial_left_running_before_its_first_heartbeat_is_released_and_its_cell_runs(tmp_path):
+    from hydra_plugins.ftexp_sweeper.ftexp_sweeper import CELL, RELEASED
+
+    sweep = tmp_path / "orphan"
+    sweep.mkdir()
+    # what a sweeper killed between ask() and its first heartbeat leaves: a RUNNING trial no heartbeat check sees
+    study = optuna.create_study(study_name=sweep.name, storage=f"sqlite:///{sweep / 'optuna.db'}", direction="maximize")
+    study.enqueue_trial({}, user_attrs={CELL: json.dumps({"train.n": 16}), "train.n": 16})
+    orphan = study.ask()
+    assert orphan.user_attrs[CELL] and study.trials[0].state == TrialState.RUNNING
+
+    run_sweep(sweep, "train.n=16,32")
+    ts = trials(sweep)
+    assert ts[0].state == TrialState.PRUNED and "stopped before it started" in ts[0].user_attrs[RELEASED]
+    assert sorted(t.user_attrs["train.n"] for t in ts if t.state == TrialState.COMPLETE) == [16, 32]  # n=16 too
+    assert sorted(metrics_mtimes(sweep)) == ["1_n=16", "2_n=32"]
+
+
 def test_two_workers_on_one_storage_run_each_cell_once(tmp_path):
     sweep = tmp_path / "shared"
     axes = ["train.n=16,32", "train.seed=1,2"]

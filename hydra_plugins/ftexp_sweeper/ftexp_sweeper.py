@@ -45,6 +45,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 CELL, WORKER, ERROR, RUN_DIR = "ftexp:cell", "ftexp:worker", "ftexp:error", "ftexp:run_dir"  # user attrs
 RELEASED = "ftexp:released"  # a trial this worker asked for and then left (no room, or a duplicate)
+STARTED = "ftexp:started"  # the trial's own number, set once its first heartbeat is stored
 LIVE, COUNTED = (TrialState.WAITING, TrialState.RUNNING), (TrialState.COMPLETE, TrialState.RUNNING)
 
 
@@ -178,9 +179,26 @@ class FtexpSweeper(Sweeper):
 
     def _ask(self, study: optuna.Study) -> optuna.Trial:
         trial = study.ask()  # a WAITING trial if there is one (grid cells, interrupted trials)
-        trial.set_user_attr(WORKER, self.me)
         self.storage.record_heartbeat(self._id_of(trial))
+        trial.set_user_attr(WORKER, self.me)
+        trial.set_user_attr(STARTED, trial.number)
         return trial
+
+    def _recover(self, study: optuna.Study) -> None:
+        """Under ``claim_lock``: the trials of dead sweepers become available again.
+
+        A trial whose heartbeat went stale fails and is retried (``RetryFailedTrialCallback``). A
+        sweeper killed between ``ask`` and its first heartbeat leaves a RUNNING trial that no
+        heartbeat check can see; no live worker is inside ``_ask`` while this one holds the lock,
+        so a RUNNING trial without its STARTED mark is such an orphan. It never ran: it is released.
+        """
+        optuna.storages.fail_stale_trials(study)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get(STARTED) != t.number:
+                log.warning("Trial %d was left RUNNING by a sweeper that stopped before starting it: released.",
+                            t.number)
+                self.storage.set_trial_user_attr(self._id_of(t), RELEASED, "its sweeper stopped before it started")
+                study.tell(t.number, state=TrialState.PRUNED)
 
     def _id_of(self, trial: optuna.Trial) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
@@ -204,7 +222,7 @@ class FtexpSweeper(Sweeper):
 
     def _claim_cells(self, study: optuna.Study, by_key: dict, budget: int, tried: set[str]):
         """(cells finished, cells held by other workers, this worker's next trials) from the grid."""
-        optuna.storages.fail_stale_trials(study)  # a dead sweeper's trials run again
+        self._recover(study)  # a dead sweeper's trials run again
         trials = study.get_trials(deepcopy=False)
         done = {t.user_attrs.get(CELL) for t in trials if t.state == TrialState.COMPLETE} & by_key.keys()
         held = {t.user_attrs.get(CELL) for t in trials if t.state in LIVE} & by_key.keys()
@@ -231,7 +249,7 @@ class FtexpSweeper(Sweeper):
         while self.failures < max(budget, 1):
             jobs = []
             with sw.claim_lock(self.url):
-                optuna.storages.fail_stale_trials(study)
+                self._recover(study)
                 room = budget - sum(t.state in COUNTED for t in study.get_trials(deepcopy=False))
                 for _ in range(min(self._batch(), room)):
                     trial = self._ask(study)
