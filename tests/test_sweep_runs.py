@@ -127,8 +127,9 @@ def test_a_trial_left_running_before_its_first_heartbeat_is_released_and_its_cel
     study.enqueue_trial({}, user_attrs={CELL: json.dumps({"train.n": 16}), "train.n": 16})
     orphan = study.ask()
     assert orphan.user_attrs[CELL] and study.trials[0].state == TrialState.RUNNING
+    time.sleep(1.5)
 
-    run_sweep(sweep, "train.n=16,32")
+    run_sweep(sweep, "train.n=16,32", "hydra.sweeper.stale_after_s=1")
     ts = trials(sweep)
     assert ts[0].state == TrialState.PRUNED and "stopped before it started" in ts[0].user_attrs[RELEASED]
     assert sorted(t.user_attrs["train.n"] for t in ts if t.state == TrialState.COMPLETE) == [16, 32]  # n=16 too

@@ -13,6 +13,7 @@ older than ``stale_after_s`` runs again in its folder (``RetryFailedTrialCallbac
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -185,20 +186,23 @@ class FtexpSweeper(Sweeper):
         return trial
 
     def _recover(self, study: optuna.Study) -> None:
-        """Under ``claim_lock``: the trials of dead sweepers become available again.
+        """The trials of dead sweepers become available again.
 
         A trial whose heartbeat went stale fails and is retried (``RetryFailedTrialCallback``). A
         sweeper killed between ``ask`` and its first heartbeat leaves a RUNNING trial that no
-        heartbeat check can see; no live worker is inside ``_ask`` while this one holds the lock,
-        so a RUNNING trial without its STARTED mark is such an orphan. It never ran: it is released.
+        heartbeat check can see. A live worker marks its trial STARTED right after ``ask``, so a
+        RUNNING trial without that mark, asked for longer ago than ``stale_after_s``, is such an
+        orphan. It never ran: it is released (its grid cell is queued again).
         """
         optuna.storages.fail_stale_trials(study)
+        cutoff = datetime.datetime.now() - datetime.timedelta(seconds=float(self.opts.stale_after_s))
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get(STARTED) != t.number:
+            if t.user_attrs.get(STARTED) != t.number and t.datetime_start and t.datetime_start < cutoff:
                 log.warning("Trial %d was left RUNNING by a sweeper that stopped before starting it: released.",
                             t.number)
                 self.storage.set_trial_user_attr(self._id_of(t), RELEASED, "its sweeper stopped before it started")
-                study.tell(t.number, state=TrialState.PRUNED)
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another worker was first
+                    study.tell(t.number, state=TrialState.PRUNED)
 
     def _id_of(self, trial: optuna.Trial) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
