@@ -431,21 +431,31 @@ class ShotPicker:
             self._rows.append(dict(self.pool[int(self.order[len(self._rows)])]))
         return self._rows[pos]
 
-    def pick(self, k: int, exclude: Callable[[dict], bool] = lambda row: False) -> list[dict]:
+    def pick(self, k: int, exclude: Callable[[dict], bool] = lambda row: False,
+             fits: Callable[[list[dict]], bool] | None = None) -> list[dict]:
+        """The first k usable rows of the permutation. With ``fits``, a row is taken only
+        when the prompt with it still fits (``fits(shots)``); one that does not is passed
+        over for the next, so a prompt may end up with fewer than k shots, never a cut one."""
         if k <= 0:
             return []
         if self.pool is None or len(self.order) == 0:
             raise ConfigError(f"eval.shots={k} needs a train split to draw the examples from; none was loaded.")
-        shots = []
+        shots, usable = [], 0
+        if fits is not None and not fits([]):
+            return []  # the example alone fills the window
         for pos in range(len(self.order)):
             row = self._row(pos)
             if exclude(row):
                 continue
-            shots.append(row)
+            usable += 1
+            if fits is None or fits([*shots, row]):
+                shots.append(row)
             if len(shots) == k:
                 return shots
-        raise ConfigError(f"eval.shots={k} but the train split has only {len(shots)} usable rows. "
-                          f"Use eval.shots<={len(shots)}.")
+        if fits is None or usable < k:
+            raise ConfigError(f"eval.shots={k} but the train split has only {usable} usable rows. "
+                              f"Use eval.shots<={usable}.")
+        return shots
 
 
 def pick_shots(pool, k: int, seed: int, exclude: Callable[[dict], bool] = lambda row: False) -> list[dict]:
@@ -453,16 +463,36 @@ def pick_shots(pool, k: int, seed: int, exclude: Callable[[dict], bool] = lambda
     return ShotPicker(pool, seed).pick(k, exclude)
 
 
-def build_prompts(task, records: Sequence[dict], shots: int, shot_pool=None, seed: int = 0) -> list[str]:
-    """The prompt for each record: zero-shot, or k solved train examples before it."""
+def build_prompts(task, records: Sequence[dict], shots: int, shot_pool=None, seed: int = 0,
+                  max_tokens: int | None = None) -> list[str]:
+    """The prompt for each record: zero-shot, or k solved train examples before it (``shot_prompts``)."""
+    return shot_prompts(task, records, shots, shot_pool, seed, max_tokens)[0]
+
+
+def shot_prompts(task, records: Sequence[dict], shots: int, shot_pool=None, seed: int = 0,
+                 max_tokens: int | None = None) -> tuple[list[str], list[int]]:
+    """Each record's prompt with up to k solved train examples before it, and how many each holds.
+
+    ``max_tokens`` is the window a prompt must fit (in the task's tokenizer): a shot that
+    would push a prompt past it is passed over for a later, shorter one of the same fixed
+    order, so every prompt is whole - no shot cut in half - and holds at most k shots.
+    """
     if shots <= 0:
-        return [task.prompt(rec) for rec in records]
+        return [task.prompt(rec) for rec in records], [0] * len(records)
     picker = ShotPicker(shot_pool, seed)
-    prompts = []
+
+    def length(rec, chosen) -> int:
+        return len(task.tokenizer(task.prompt(rec, chosen), add_special_tokens=True)["input_ids"])
+
+    window = max_tokens is not None and task.tokenizer is not None
+    prompts, used = [], []
     for rec in records:
         own = task.user_text(rec)
-        prompts.append(task.prompt(rec, picker.pick(shots, lambda row: task.user_text(row) == own)))
-    return prompts
+        fits = (lambda chosen, rec=rec: length(rec, chosen) <= max_tokens) if window else None
+        chosen = picker.pick(shots, lambda row: task.user_text(row) == own, fits)
+        prompts.append(task.prompt(rec, chosen))
+        used.append(len(chosen))
+    return prompts, used
 
 
 def surface_forms(answer: str) -> list[str]:
@@ -552,9 +582,18 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
     """
     records = [dict(r) for r in eval_rows]
     ecfg = cfg.eval
-    prompts = build_prompts(task, records, ecfg.shots, shot_pool, ecfg.seed)
-    metrics: dict = {}
     max_len = cfg.train.max_length if cfg.train.truncation == "keep_end" else None
+    # k-shot prompts fill the window with whole shots; generation's own tokens need room too
+    room = None if max_len is None or ecfg.method == "likelihood" else max_len - int(task.cfg.generation.max_new_tokens)
+    prompts, used = shot_prompts(task, records, ecfg.shots, shot_pool, ecfg.seed, room if room and room > 0 else max_len)
+    metrics: dict = {}
+    if ecfg.shots > 0:
+        metrics["eval/shots_mean"] = sum(used) / max(len(used), 1)
+        short = sum(u < ecfg.shots for u in used)
+        if short:
+            log.warning("eval.shots=%d: %d of %d prompts hold fewer shots (mean %.2f), as more would not fit in "
+                        "train.max_length=%s tokens with the answer's max_new_tokens.", ecfg.shots, short, len(used),
+                        metrics["eval/shots_mean"], max_len)
     methods = ["generate", "likelihood"] if ecfg.method == "both" else [ecfg.method]
     rows = [{"input": p, "reference": task.reference(r)} for p, r in zip(prompts, records)]
     results = {}

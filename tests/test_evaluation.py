@@ -180,6 +180,29 @@ def test_k_shot_prompt_holds_exactly_k_examples_and_never_the_evaluated_one():
         evaluation.build_prompts(task, pool[:1], 12, pool)
 
 
+def test_k_shot_prompts_fit_the_window_with_whole_shots():
+    cfg = compose_cfg(["task=summarization"], fast=False)
+    # shots of very different lengths: the long ones cannot fit beside a dialogue
+    pool = [{"dialogue": " ".join(["word"] * (400 if i % 3 == 0 else 20)) + f" end{i}", "summary": f"sum {i}"}
+            for i in range(30)]
+    tok = tiny.build_tokenizer([r["dialogue"] + " " + r["summary"] for r in pool] + ["Summarize the following "
+                                "conversation. Summary:"], vocab_size=300)
+    task = build_task(cfg.task, tokenizer=tok)
+    records = pool[:6]
+    window = 300
+    prompts, used = evaluation.shot_prompts(task, records, 3, pool, seed=1, max_tokens=window)
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    for rec, prompt, n, length in zip(records, prompts, used, lengths):
+        if len(tok(task.prompt(rec))["input_ids"]) > window:  # the example alone is longer: no shots
+            assert n == 0 and prompt == task.prompt(rec)
+            continue
+        assert length <= window and n == 3 == prompt.count("Summary:") - 1, (length, n)
+        shown = [r for r in pool if r is not rec and f"{r['dialogue']}\n\nSummary: {r['summary']}" in prompt]
+        assert len(shown) == n  # every shot whole, with its summary
+    unbounded, all_k = evaluation.shot_prompts(task, records, 3, pool, seed=1)
+    assert all_k == [3] * 6 and max(len(tok(p)["input_ids"]) for p in unbounded) > window  # the window did it
+
+
 def test_surface_forms_cover_case_and_leading_space():
     assert evaluation.surface_forms(" positive") == ["positive", " positive", "Positive", " Positive"]
     assert evaluation.surface_forms("Yes") == ["Yes", " Yes", "yes", " yes"]
