@@ -583,9 +583,10 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
     records = [dict(r) for r in eval_rows]
     ecfg = cfg.eval
     max_len = cfg.train.max_length if cfg.train.truncation == "keep_end" else None
-    # k-shot prompts fill the window with whole shots; generation's own tokens need room too
-    room = None if max_len is None or ecfg.method == "likelihood" else max_len - int(task.cfg.generation.max_new_tokens)
-    prompts, used = shot_prompts(task, records, ecfg.shots, shot_pool, ecfg.seed, room if room and room > 0 else max_len)
+    # k-shot prompts fill the train.max_length window with whole shots; generation's own tokens need room too
+    window = int(cfg.train.max_length)
+    room = window if ecfg.method == "likelihood" else window - int(task.cfg.generation.max_new_tokens)
+    prompts, used = shot_prompts(task, records, ecfg.shots, shot_pool, ecfg.seed, room if room > 0 else window)
     metrics: dict = {}
     if ecfg.shots > 0:
         metrics["eval/shots_mean"] = sum(used) / max(len(used), 1)
@@ -593,7 +594,7 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
         if short:
             log.warning("eval.shots=%d: %d of %d prompts hold fewer shots (mean %.2f), as more would not fit in "
                         "train.max_length=%s tokens with the answer's max_new_tokens.", ecfg.shots, short, len(used),
-                        metrics["eval/shots_mean"], max_len)
+                        metrics["eval/shots_mean"], window)
     methods = ["generate", "likelihood"] if ecfg.method == "both" else [ecfg.method]
     rows = [{"input": p, "reference": task.reference(r)} for p, r in zip(prompts, records)]
     results = {}

@@ -23,7 +23,10 @@ SHOWN_ELSEWHERE = ("train.n", "train.epochs", "train.max_steps", "lora.r", "mode
                    "lora.enabled", "model.name_or_path")
 METRIC_NAMES = {  # the task metrics the table shows, in this order, where the runs' task kind declares them
     "eval/accuracy": "Accuracy", "eval/f1": "F1", "eval/rouge1": "ROUGE-1", "eval/rouge2": "ROUGE-2",
-    "eval/rougeL": "ROUGE-L", "eval/mcrmse": "MCRMSE", "eval/exact_match": "Exact match", "eval/token_f1": "Token F1"}
+    "eval/rougeL": "ROUGE-L", "eval/mcrmse": "MCRMSE", "eval/exact_match": "Exact match", "eval/token_f1": "Token F1",
+    # the instruction-tuning study's error breakdown: answers that are empty, too long or loop (counts)
+    "eval/empty": "Empty", "eval/too_long": "Too long", "eval/repetitive": "Repetitive"}
+COUNTS = ("Empty", "Too long", "Repetitive")  # shown as whole numbers, one decimal for a mean over seeds
 # The means every row ends with, as results.csv names them ("wall": training plus evaluation time).
 COSTS = {"training loss first": "train/loss_first", "training loss last": "train/loss_last",
          "Irregular output": "eval/irregular", "Wall time (s)": "wall", "Peak memory (MB)": "train/peak_memory_mb",
@@ -163,7 +166,8 @@ class Table:
         for axis in self.extra_axes:  # a float to 3 significant digits
             out[axis] = t[axis].map(lambda v: f"{v:.3g}" if isinstance(v, float) else "null" if v is None else str(v))
         for name, _ in self.metric_cols:
-            out[name] = list(map(stat, t[name], t[f"{name} std"]))
+            digits = [int(pd.notna(sd)) for sd in t[f"{name} std"]] if name in COUNTS else [3] * len(t)
+            out[name] = list(map(stat, t[name], t[f"{name} std"], digits))
         out["training loss first→last"] = [f"{a:.3f} → {b:.3f}" if pd.notna(a) and pd.notna(b) else ""
                                            for a, b in zip(t["training loss first"], t["training loss last"])]
         if t["Irregular output"].notna().any():  # a whole count for one run, one decimal for a mean
