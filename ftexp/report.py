@@ -24,9 +24,10 @@ SHOWN_ELSEWHERE = ("train.n", "train.epochs", "train.max_steps", "lora.r", "mode
 METRIC_NAMES = {  # the task metrics the table shows, in this order, where the runs' task kind declares them
     "eval/accuracy": "Accuracy", "eval/f1": "F1", "eval/rouge1": "ROUGE-1", "eval/rouge2": "ROUGE-2",
     "eval/rougeL": "ROUGE-L", "eval/mcrmse": "MCRMSE", "eval/exact_match": "Exact match", "eval/token_f1": "Token F1",
-    # the instruction-tuning study's error breakdown: answers that are empty, too long or loop (counts)
-    "eval/empty": "Empty", "eval/too_long": "Too long", "eval/repetitive": "Repetitive"}
-COUNTS = ("Empty", "Too long", "Repetitive")  # shown as whole numbers, one decimal for a mean over seeds
+    # the instruction-tuning study's error breakdown: answers that are empty, too long, loop, or are
+    # well-formed but wrong (counts)
+    "eval/empty": "Empty", "eval/too_long": "Too long", "eval/repetitive": "Repetitive", "eval/wrong": "Wrong"}
+COUNTS = ("Empty", "Too long", "Repetitive", "Wrong")  # shown as whole numbers, one decimal for a mean over seeds
 # The means every row ends with, as results.csv names them ("wall": training plus evaluation time).
 COSTS = {"training loss first": "train/loss_first", "training loss last": "train/loss_last",
          "Irregular output": "eval/irregular", "Wall time (s)": "wall", "Peak memory (MB)": "train/peak_memory_mb",

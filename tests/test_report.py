@@ -112,10 +112,10 @@ def test_metric_columns_follow_the_task(tmp_path):
     for n in (10, 20):
         make_run(qa, f"n{n}", n=n, kind="qa", objective="eval/token_f1",
                  metrics={"eval/exact_match": 0.1, "eval/token_f1": 0.3, "eval/empty": 0, "eval/too_long": 4,
-                          "eval/repetitive": 7 if n == 10 else 2})
+                          "eval/repetitive": 7 if n == 10 else 2, "eval/wrong": 5})
     text = report.write_report(qa)[0].read_text()
-    assert "| Exact match | Token F1 | Empty | Too long | Repetitive |" in text  # the error breakdown, as counts
-    assert "| 0.100 | 0.300 | 0 | 4 | 7 |" in text and "| 0.100 | 0.300 | 0 | 4 | 2 |" in text
+    assert "| Exact match | Token F1 | Empty | Too long | Repetitive | Wrong |" in text  # the breakdown, as counts
+    assert "| 0.100 | 0.300 | 0 | 4 | 7 | 5 |" in text and "| 0.100 | 0.300 | 0 | 4 | 2 | 5 |" in text
 
 
 def test_swept_values_outside_method_and_size_get_their_own_column(tmp_path):

@@ -38,6 +38,8 @@ def test_exact_match_token_f1_and_error_breakdown():
     assert [r["too_long"] for r in rows] == [False, False, False, False, True]  # 8 words <= 3 x 3
     assert metrics["eval/empty"] == 1 and metrics["eval/repetitive"] == 1 and metrics["eval/too_long"] == 1
     assert metrics["eval/too_long_rate"] == pytest.approx(1 / 5)
+    assert [r["wrong"] for r in rows] == [False, True, False, False, False]  # well-formed, not exact
+    assert metrics["eval/wrong"] == 1
 
 
 def test_error_rules():

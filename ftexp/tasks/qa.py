@@ -6,14 +6,16 @@ Metrics (``evaluate`` modules shipped with ftexp):
   (lower-case, no punctuation, no a/an/the, single spaces);
 * ``eval/token_f1``: SQuAD token-overlap F1, best reference per example;
 * an error breakdown, as in the instruction-tuning study's error analysis, each a
-  count (``eval/empty``, ``eval/too_long``, ``eval/repetitive``), a rate
+  count (``eval/empty``, ``eval/too_long``, ``eval/repetitive``, ``eval/wrong``), a rate
   (``eval/<name>_rate``) and a per-row flag in ``predictions.jsonl``:
 
   - empty: nothing but whitespace was generated;
   - too long: more words than ``task.too_long_factor`` x the longest reference's;
   - repetitive: some word n-gram (n = ``REPEAT_N``) occurs ``REPEAT_MIN`` or more
     times; this catches the loops small models fall into ("the the the the the",
-    a sentence said three times) and leaves ordinary answers alone.
+    a sentence said three times) and leaves ordinary answers alone;
+  - wrong: none of the above and not an exact match: a well-formed answer that
+    misses (its token F1 says by how much).
 
 References are ``task.target`` plus any ``task.references`` field the record has.
 
@@ -32,6 +34,7 @@ from ftexp.tasks.summarization import reference_texts
 
 REPEAT_N = 3  # word n-gram length for the repetition check
 REPEAT_MIN = 3  # occurrences of one n-gram that make an answer repetitive
+FLAGS = ("empty", "too_long", "repetitive", "wrong")  # the error breakdown, one count each
 
 
 def is_repetitive(text: str, n: int = REPEAT_N, min_count: int = REPEAT_MIN) -> bool:
@@ -75,7 +78,7 @@ class QATask(TemplateChoice, Task):
     kind = "qa"
     metrics = (Metric("eval/token_f1"), Metric("eval/exact_match"),
                *(Metric(f"eval/{flag}{rate}", "minimize", ".3f" if rate else "d")
-                 for flag in ("empty", "too_long", "repetitive") for rate in ("", "_rate")),
+                 for flag in FLAGS for rate in ("", "_rate")),
                Metric("eval/pred_words_mean", "maximize", ".1f"), Metric("eval/ref_words_mean", "maximize", ".1f"))
 
     def references(self, record: dict) -> list[str]:
@@ -100,12 +103,13 @@ class QATask(TemplateChoice, Task):
                 "too_long": (not empty) and is_too_long(pred, ref_list, factor),
                 "repetitive": (not empty) and is_repetitive(pred),
             }
+            row["wrong"] = not (row["exact_match"] or row["empty"] or row["too_long"] or row["repetitive"])
             if len(ref_list) > 1:
                 row["references"] = ref_list
             rows.append(row)
         n = max(len(rows), 1)
         metrics = {"eval/exact_match": float(em["exact_match"]), "eval/token_f1": float(f1["token_f1"])}
-        for flag in ("empty", "too_long", "repetitive"):
+        for flag in FLAGS:
             count = sum(1 for r in rows if r[flag])
             metrics[f"eval/{flag}"] = count
             metrics[f"eval/{flag}_rate"] = count / n
