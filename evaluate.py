@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ftexp.cli import objective_value, run_guarded
+from ftexp.cli import objective_value, quote_paths, run_guarded
 from ftexp.config import register_configs
 
 register_configs()
@@ -58,6 +58,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_paths(sys.argv[1:])
     _refuse_writing_into_the_run(sys.argv[1:])
     sys.argv += _own_output_dirs(sys.argv[1:])
     main()

@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ftexp.cli import run_guarded
+from ftexp.cli import quote_paths, run_guarded
 from ftexp.config import register_configs
 
 register_configs()
@@ -25,6 +25,8 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     from ftexp.distributed import rank
+
+    sys.argv[1:] = quote_paths(sys.argv[1:])
 
     if rank() > 0:  # under torchrun, rank 0 alone writes Hydra's record and job log into the run dir
         sys.argv.append("hydra.output_subdir=null")

@@ -46,3 +46,20 @@ def command_line_keys() -> list[str]:
         return []
     parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
     return [o.key_or_group for o in parsed]
+
+
+# Overrides whose value is a path. A sweep's trial folders are named by Hydra after their overrides
+# ("0_learning_rate=0.001"), and Hydra's override grammar refuses an unquoted "=" inside a value.
+PATH_KEYS = ("run", "output_dir", "judge.baseline", "data.path", "hydra.run.dir", "hydra.sweep.dir")
+
+
+def quote_paths(argv: list[str]) -> list[str]:
+    """``argv`` with each path override (``PATH_KEYS``) whose value holds an ``=`` put in quotes,
+    so ``run=outputs/sweeps/s/0_lr=0.001`` works as typed; quoted values are left as they are."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in PATH_KEYS and "=" in value and value[:1] not in "'\"":
+            arg = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+        out.append(arg)
+    return out

@@ -5,12 +5,14 @@ metrics.json and predictions.jsonl and never touching the run's files."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from omegaconf import open_dict
 
 from conftest import compose_cfg, run_script
 from ftexp import evaluation, recipes
+from ftexp.cli import quote_paths
 from ftexp.config import ConfigError
 
 
@@ -79,8 +81,10 @@ def test_run_overrides_that_change_the_trained_setup_are_refused(trained_runs, t
 
 
 def test_evaluate_script_re_evaluates_a_run_and_returns_cleanly(trained_runs, tmp_path):
+    run = tmp_path / "sweep" / "0_learning_rate=0.001"  # a sweep trial's folder, named by Hydra, given as typed
+    shutil.copytree(trained_runs["lora"], run)
     out = tmp_path / "eval"
-    proc = run_script("evaluate.py", f"run={trained_runs['lora']}", "eval.n=3", "eval.method=likelihood",
+    proc = run_script("evaluate.py", f"run={run}", "eval.n=3", "eval.method=likelihood",
                       f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -111,3 +115,11 @@ def test_hydra_run_dir_pointed_at_the_evaluated_run_is_refused_before_hydra_writ
     assert proc.returncode == 2 and "is the run being evaluated" in proc.stderr
     assert (run / ".hydra" / "config.yaml").read_text() == "the run's own record\n"
     assert sorted(p.name for p in run.iterdir()) == [".hydra"]
+
+
+def test_path_overrides_holding_an_equals_sign_are_quoted_for_hydra():
+    assert quote_paths(["run=out/s/0_lr=0.001", "output_dir=a=b", "judge.baseline='x=y'", "train.n=8",
+                        "+data.path=d/n=1", "eval.n=2"]) == [
+        "run='out/s/0_lr=0.001'", "output_dir='a=b'", "judge.baseline='x=y'", "train.n=8", "+data.path='d/n=1'",
+        "eval.n=2"]
+    assert quote_paths(["run=it's/n=1"]) == ["run=\"it's/n=1\""]

@@ -219,3 +219,23 @@ def test_the_openai_judge_rates_through_a_real_transformers_serve(real, dialogsu
         server.terminate()
         server.wait(timeout=30)
         log_file.close()
+
+
+def test_k_shot_dialogsum_prompts_stay_inside_the_window_with_whole_dialogues(real, shared_data_module):
+    cfg = compose_cfg(["data=dialogsum", "task=summarization", f"data.path={shared_data_module / 'dialogsum'}",
+                       "eval.n=40"])
+    train_rows, _, eval_rows = recipes.load_data(cfg)
+    task = build_task(cfg.task, tokenizer=real["tok"])
+    records = [dict(r) for r in eval_rows]
+    window = int(cfg.train.max_length) - int(cfg.task.generation.max_new_tokens)
+    prompts, used = evaluation.shot_prompts(task, records, 3, train_rows, seed=0, max_tokens=window)
+    lengths = [len(real["tok"](p)["input_ids"]) for p in prompts]
+    for rec, length, n in zip(records, lengths, used):  # each fits, or its dialogue alone is longer and gets no shot
+        assert (n > 0 and length <= window) or (n == 0 and len(real["tok"](task.prompt(rec))["input_ids"]) > window)
+    assert sum(used) / len(used) > 2  # most get all three
+    for prompt, n in zip(prompts, used):
+        assert prompt.count("Summarize the following conversation.") == n + 1  # whole shots only
+        assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    whole, _ = evaluation.shot_prompts(task, records, 3, train_rows, seed=0)
+    assert max(len(real["tok"](p)["input_ids"]) for p in whole) > window  # some three-shot prompts would not fit
+
