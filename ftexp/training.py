@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +31,10 @@ from ftexp.cache import tokenized_prefix
 from ftexp.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(ConfigError):
+    """The loss or the gradient norm went NaN or infinite: nothing after that step can learn."""
 
 
 class LossLog(TrainerCallback):
@@ -65,6 +70,14 @@ class LossLog(TrainerCallback):
             fh.write(json.dumps(row) + "\n")
         if self.on_log_fn:
             self.on_log_fn(row)
+        bad = {k: logs[k] for k in ("loss", "grad_norm") if k in logs and not math.isfinite(float(logs[k]))}
+        if bad:  # stop at once: every later step would train on NaN weights and still exit 0
+            raise TrainingDiverged(
+                f"training diverged at step {state.global_step} (epoch {state.epoch or 0:.2f}): "
+                + ", ".join(f"{k} {v}" for k, v in bad.items())
+                + f" at learning rate {logs.get('learning_rate', args.learning_rate):.3g} "
+                f"(train.learning_rate={args.learning_rate:g}). Lower train.learning_rate (or warm up to it with "
+                f"train.warmup_steps); the steps logged so far are in {self.path}.")
         if state.global_step == 1 or state.global_step % (args.logging_steps * 10) == 0 or state.global_step == state.max_steps:
             log.info("step %d/%d  epoch %.2f  loss %.4f", state.global_step, state.max_steps, state.epoch or 0, logs["loss"])
 

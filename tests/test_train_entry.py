@@ -38,6 +38,8 @@ def test_train_py_runs_and_prints_the_result_row(tmp_path):
     (["task.generation.max_new_tokens=0"], "task.generation.max_new_tokens=0: must be at least 1"),
     (["train.save_steps=0"], "train.save_steps=0"),
     (["model.name_or_path=/no/such/model"], "model.name_or_path=/no/such/model: no such folder"),
+    (["lora=default", "lora.target_modules=[no_such_proj]"],
+     "'no_such_proj' is not a linear layer of LlamaForCausalLM. Linear layers found: ['down_proj', 'gate_proj'"),
     (["model.name_or_path=some-org/no-such-model"], "model.name_or_path=some-org/no-such-model: could not load its tokenizer"),
 ])
 def test_bad_input_gives_a_clear_message_and_nonzero_exit(tmp_path, args, needle):
@@ -50,6 +52,18 @@ def test_bad_input_gives_a_clear_message_and_nonzero_exit(tmp_path, args, needle
     assert needle in text, text[-2000:]
     assert "Traceback" not in text
     assert not (tmp_path / "run" / "train_log.jsonl").exists(), "refused only after training started"
+
+
+def test_a_diverging_run_stops_at_once_with_the_step_and_learning_rate(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("train.py", *[a for a in FAST if not a.startswith("train.max_steps")], "train.max_steps=20",
+                      "train.logging_steps=1", "train.learning_rate=1e6", "eval.n=4", f"output_dir={out}")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text, text[-2000:]
+    assert "ftexp: error: training diverged at step " in text and "(train.learning_rate=1e+06)" in text, text[-2000:]
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert 1 <= len(logged) < 20  # kept, and cut short at the first non-finite step
+    assert not (out / "metrics.json").exists()
 
 
 BAD_FILES = {  # file body, what the message must say
