@@ -280,7 +280,8 @@ def result_row(metrics: dict, objective: str, criteria=()) -> str:
         lost = "".join(f", {metrics[f'judge/{k}']} {k}" for k in ("unparsed", "failed") if metrics.get(f"judge/{k}"))
         parts.append(f"judge calls {metrics['judge/requests']} (cache {metrics['judge/cache_hits']}{lost})")
     if "train/loss_first" in metrics:
-        parts.append(f"loss {metrics['train/loss_first']:.3f}->{metrics['train/loss_last']:.3f}")
+        first, last = metrics["train/loss_first"], metrics["train/loss_last"]
+        parts.append(f"loss {first:.3f}->{last:.3f}" + (" ROSE: training diverged" if last > first else ""))
     if "eval/irregular" in metrics:
         top = metrics.get("eval/irregular_top") or ""
         parts.append(f"irregular {metrics['eval/irregular']}" + (f" [{top}]" if top else ""))

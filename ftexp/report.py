@@ -169,8 +169,9 @@ class Table:
         for name, _ in self.metric_cols:
             digits = [int(pd.notna(sd)) for sd in t[f"{name} std"]] if name in COUNTS else [3] * len(t)
             out[name] = list(map(stat, t[name], t[f"{name} std"], digits))
-        out["training loss first→last"] = [f"{a:.3f} → {b:.3f}" if pd.notna(a) and pd.notna(b) else ""
-                                           for a, b in zip(t["training loss first"], t["training loss last"])]
+        out["training loss first→last"] = [  # a loss that ended above where it began: the run diverged
+            f"{a:.3f} → {b:.3f}" + (" (rose)" if b > a else "") if pd.notna(a) and pd.notna(b) else ""
+            for a, b in zip(t["training loss first"], t["training loss last"])]
         if t["Irregular output"].notna().any():  # a whole count for one run, one decimal for a mean
             out["Irregular output"] = [stat(m, s, int(pd.notna(s)))
                                        for m, s in zip(t["Irregular output"], t["Irregular output std"])]

@@ -187,3 +187,15 @@ def test_a_trial_that_never_composed_takes_the_sweeps_shared_settings_but_not_it
     fill_partial_configs([full, swept_value, swept_group])
     assert swept_value.config == {"model.name": "tiny", "train.n": "abc", "quant.name": "none"}
     assert swept_group.config == {"train.n": 16, "quant.name": "none", "model": "tiny_falcon"}
+
+
+def test_a_loss_that_rose_is_flagged_in_the_table_and_the_result_row(tmp_path):
+    sweep = tmp_path / "lr"
+    make_run(sweep, "calm", n=100, learning_rate=1e-4, metrics={"eval/accuracy": 0.9, "eval/f1": 0.9})
+    rose = {"eval/accuracy": 0.5, "eval/f1": 0.3, "train/loss_first": 8.36, "train/loss_last": 409.0}
+    make_run(sweep, "wild", n=100, learning_rate=50.0, metrics=rose)
+    text = report.write_report(sweep)[0].read_text()
+    assert "| 2.500 → 0.500 |" in text and "| 8.360 → 409.000 (rose) |" in text
+    line = records.result_row({**rose, "eval/irregular": 0, "eval/n": 4}, "eval/accuracy")
+    assert "loss 8.360->409.000 ROSE: training diverged" in line
+    assert "diverged" not in records.result_row({**rose, "train/loss_last": 0.5, "eval/n": 4}, "eval/accuracy")
