@@ -70,7 +70,10 @@ class LossLog(TrainerCallback):
             fh.write(json.dumps(row) + "\n")
         if self.on_log_fn:
             self.on_log_fn(row)
-        bad = {k: logs[k] for k in ("loss", "grad_norm") if k in logs and not math.isfinite(float(logs[k]))}
+        # fp16's loss scaler meets an infinite gradient norm on purpose (it skips that step and
+        # lowers the scale), so only the loss is watched there
+        watched = ("loss",) if args.fp16 else ("loss", "grad_norm")
+        bad = {k: logs[k] for k in watched if logs.get(k) is not None and not math.isfinite(float(logs[k]))}
         if bad:  # stop at once: every later step would train on NaN weights and still exit 0
             raise TrainingDiverged(
                 f"training diverged at step {state.global_step} (epoch {state.epoch or 0:.2f}): "
