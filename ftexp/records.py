@@ -281,7 +281,7 @@ def result_row(metrics: dict, objective: str, criteria=()) -> str:
         parts.append(f"judge calls {metrics['judge/requests']} (cache {metrics['judge/cache_hits']}{lost})")
     if "train/loss_first" in metrics:
         first, last = metrics["train/loss_first"], metrics["train/loss_last"]
-        parts.append(f"loss {first:.3f}->{last:.3f}" + (" ROSE: training diverged" if last > first else ""))
+        parts.append(f"loss {first:.3f}->{last:.3f}" + (" (ROSE: last above first)" if last > first else ""))
     if "eval/irregular" in metrics:
         top = metrics.get("eval/irregular_top") or ""
         parts.append(f"irregular {metrics['eval/irregular']}" + (f" [{top}]" if top else ""))

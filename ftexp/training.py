@@ -62,16 +62,14 @@ class LossLog(TrainerCallback):
             path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs or not state.is_world_process_zero:
+        if not logs or "loss" not in logs:
             return
-        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
-        self.losses.append(float(logs["loss"]))
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if self.on_log_fn:
-            self.on_log_fn(row)
-        # fp16's loss scaler meets an infinite gradient norm on purpose (it skips that step and
-        # lowers the scale), so only the loss is watched there
+        if state.is_world_process_zero:
+            self.record(args, state, logs)
+        # Checked on every rank (the logged loss and norm are the same on all of them), so under
+        # torchrun all ranks stop together instead of the others waiting on rank 0. fp16's loss
+        # scaler meets an infinite gradient norm on purpose (it skips that step and lowers the
+        # scale), so only the loss is watched there.
         watched = ("loss",) if args.fp16 else ("loss", "grad_norm")
         bad = {k: logs[k] for k in watched if logs.get(k) is not None and not math.isfinite(float(logs[k]))}
         if bad:  # stop at once: every later step would train on NaN weights and still exit 0
@@ -81,6 +79,14 @@ class LossLog(TrainerCallback):
                 + f" at learning rate {logs.get('learning_rate', args.learning_rate):.3g} "
                 f"(train.learning_rate={args.learning_rate:g}). Lower train.learning_rate (or warm up to it with "
                 f"train.warmup_steps); the steps logged so far are in {self.path}.")
+
+    def record(self, args, state, logs):
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        self.losses.append(float(logs["loss"]))
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.on_log_fn:
+            self.on_log_fn(row)
         if state.global_step == 1 or state.global_step % (args.logging_steps * 10) == 0 or state.global_step == state.max_steps:
             log.info("step %d/%d  epoch %.2f  loss %.4f", state.global_step, state.max_steps, state.epoch or 0, logs["loss"])
 

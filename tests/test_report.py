@@ -197,5 +197,5 @@ def test_a_loss_that_rose_is_flagged_in_the_table_and_the_result_row(tmp_path):
     text = report.write_report(sweep)[0].read_text()
     assert "| 2.500 → 0.500 |" in text and "| 8.360 → 409.000 (rose) |" in text
     line = records.result_row({**rose, "eval/irregular": 0, "eval/n": 4}, "eval/accuracy")
-    assert "loss 8.360->409.000 ROSE: training diverged" in line
-    assert "diverged" not in records.result_row({**rose, "train/loss_last": 0.5, "eval/n": 4}, "eval/accuracy")
+    assert "loss 8.360->409.000 (ROSE: last above first)" in line
+    assert "ROSE" not in records.result_row({**rose, "train/loss_last": 0.5, "eval/n": 4}, "eval/accuracy")
