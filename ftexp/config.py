@@ -258,6 +258,15 @@ class TaskConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop when the objective on the held-out rows has not improved for ``patience`` evaluations
+    (transformers' EarlyStoppingCallback); the best evaluation's weights are restored at the end."""
+
+    patience: Optional[int] = None  # null = off; needs train.eval_every
+    threshold: float = 0.0  # an improvement must exceed this to count
+
+
+@dataclass
 class TrainConfig:
     n: Optional[int] = None  # training rows (seeded nested subset); null = the whole split
     epochs: Optional[float] = 1.0
@@ -291,6 +300,24 @@ class TrainConfig:
     save_steps: Optional[int] = 500
     save_total_limit: int = 2  # checkpoints kept while training; older ones are pruned
     keep_checkpoints: bool = False  # false: deleted once the run has finished
+    # Evaluation during training, with the task's own metric, on train.eval_n rows held out of the
+    # training split: every k optimizer steps (an int) or at each epoch's end ("epoch"); null = off.
+    # Written to train_log.jsonl and W&B, and reported to the sweeper (Optuna pruning).
+    eval_every: Any = None
+    eval_n: int = 200
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass
+class EpochResultsConfig:
+    """Complete results at earlier epochs of one run: at the end of each epoch in ``epochs`` the
+    model is evaluated in full and written as the run folder a run of that many epochs would have
+    made (config.yaml, metrics.json, predictions.jsonl, the adapter), in ``dirs`` (one per epoch;
+    null = <run dir>/epochs=<k>). Valid under a constant learning rate only: the first k epochs of
+    a longer run are then the same training as a k-epoch run."""
+
+    epochs: Optional[list] = None
+    dirs: Optional[list] = None
 
 
 @dataclass
@@ -369,6 +396,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     # Tokenized train rows are cached here and shared by the runs of a sweep; null = off.
     cache_dir: Optional[str] = "~/.cache/ftexp"
+    epoch_results: EpochResultsConfig = field(default_factory=EpochResultsConfig)
 
 
 def register_configs() -> None:
@@ -516,6 +544,64 @@ def check_packing_attention(cfg: DictConfig) -> None:
                           f"and device=cpu. Use device=auto on a GPU machine, or {off}.")
 
 
+def check_eval_every(cfg: DictConfig) -> None:
+    every = cfg.train.eval_every
+    if every is None:
+        return
+    if not (every == "epoch" or (isinstance(every, int) and not isinstance(every, bool) and every >= 1)):
+        raise ConfigError(f"train.eval_every={every}: evaluate every k >= 1 optimizer steps (train.eval_every=50), "
+                          "at each epoch's end (train.eval_every=epoch), or never (train.eval_every=null).")
+    if cfg.train.eval_n < 1:
+        raise ConfigError(f"train.eval_n={cfg.train.eval_n}: the held-out rows scored during training; at least 1.")
+    if not str(cfg.objective).startswith("eval/"):
+        raise ConfigError(f"train.eval_every={every} scores the objective during training, and objective="
+                          f"{cfg.objective} is not a metric evaluation computes. Use an eval/* objective "
+                          f"(e.g. objective={cfg.task.objective}) or train.eval_every=null.")
+
+
+def check_early_stopping(cfg: DictConfig) -> None:
+    patience = cfg.train.early_stopping.patience
+    if patience is None:
+        return
+    if patience < 1:
+        raise ConfigError(f"train.early_stopping.patience={patience}: stop after k >= 1 evaluations without "
+                          "improvement, or null for no early stopping.")
+    if cfg.train.eval_every is None:
+        raise ConfigError(f"train.early_stopping.patience={patience} watches evaluations during training, and "
+                          "train.eval_every=null makes none. Set train.eval_every=<steps> or train.eval_every=epoch.")
+
+
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def check_epoch_results(cfg: DictConfig) -> None:
+    """Results at epoch k < train.epochs stand for a k-epoch run only when nothing in the first k epochs
+    depends on the total: a constant learning rate (after a warm-up of fixed steps) and no early stop."""
+    er, t = cfg.epoch_results, cfg.train
+    if not er.epochs:
+        return
+    epochs = list(er.epochs)
+    if t.max_steps:
+        raise ConfigError(f"epoch_results.epochs={epochs} with train.max_steps={t.max_steps}: epoch results need "
+                          "a run measured in epochs. Set train.max_steps=null.")
+    if any(not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < (t.epochs or 0) for k in epochs) or \
+            float(t.epochs) != int(t.epochs):
+        raise ConfigError(f"epoch_results.epochs={epochs}: whole epochs from 1 to below train.epochs={t.epochs} "
+                          "(a whole number); the run's own end gives the last row.")
+    if t.scheduler not in CONSTANT_SCHEDULES:
+        raise ConfigError(
+            f"epoch_results.epochs={epochs} with train.scheduler={t.scheduler}: the learning rate at epoch k of a "
+            f"{t.epochs:g}-epoch run then depends on the total number of epochs, so its first k epochs are not the "
+            f"training a k-epoch run would do. Use train.scheduler=constant (or constant_with_warmup with "
+            "train.warmup_steps), or run the cells separately.")
+    if t.early_stopping.patience is not None:
+        raise ConfigError("epoch_results.epochs with train.early_stopping.patience: an early stop would end the run "
+                          "before the epochs it stands for. Use one or the other.")
+    if er.dirs is not None and len(er.dirs) != len(epochs):
+        raise ConfigError(f"epoch_results.dirs has {len(er.dirs)} folder(s) for {len(epochs)} epoch(s): one each, "
+                          "or null for <run dir>/epochs=<k>.")
+
+
 def check_checkpoint_settings(cfg: DictConfig) -> None:
     if cfg.train.save_steps is not None and cfg.train.save_steps < 1:
         raise ConfigError(f"train.save_steps={cfg.train.save_steps}: save every k >= 1 steps, "
@@ -612,6 +698,9 @@ RULES = (
     check_stop_condition,
     check_ranges,
     check_checkpoint_settings,
+    check_eval_every,
+    check_early_stopping,
+    check_epoch_results,
     check_packing_attention,
     check_judge_rates_summaries,
     check_judge_server,

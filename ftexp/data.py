@@ -218,3 +218,18 @@ def subset(ds: Dataset, n: int | None, seed: int, *, key: str) -> Dataset:
     import numpy as np
     order = np.random.default_rng(seed).permutation(len(ds))[:n]
     return ds.select(order.tolist())
+
+
+def held_out(ds: Dataset, n: int, seed: int, *, train_n: int | None, key: str) -> Dataset:
+    """``n`` rows no run of this split trains on: the last ``n`` of the permutation ``subset`` takes
+    its first ``train_n`` from (same ``seed``), so they stay out of every nested training subset up
+    to ``len(ds) - n`` rows. Refused when the training subset would reach them."""
+    used = len(ds) if train_n is None else train_n
+    if used + n > len(ds):
+        raise ConfigError(
+            f"{key}={n} rows are held out of the training split for evaluation during training, and train.n="
+            f"{train_n} takes {used:,} of its {len(ds):,} rows: together more than it holds. Lower {key} or train.n "
+            f"(at most {len(ds) - n:,} with {key}={n}), or turn evaluation during training off (train.eval_every=null).")
+    import numpy as np
+    order = np.random.default_rng(seed).permutation(len(ds))[len(ds) - n:]
+    return ds.select(order.tolist())

@@ -7,17 +7,18 @@ return the flat metrics dict written to ``metrics.json``.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import set_seed
 
 from ftexp import data as data_mod
-from ftexp import distributed, evaluation, judge, memory, modeling, records, training
+from ftexp import distributed, evaluation, judge, memory, modeling, records, sweep, training
 from ftexp.config import ConfigError, validate
 from ftexp.tasks import build_task, check_objective
 
@@ -97,6 +98,90 @@ def load_task(cfg: DictConfig, tokenizer, eval_rows):
     return task
 
 
+def watch_training(run: Run, model, tokenizer, task, pool, eval_rows, setup_metrics: dict) -> dict:
+    """``training.train``'s watchers: the held-out rows scored every ``train.eval_every`` (their objective
+    reported to the sweep's pruner, if it has one) and the writer of ``epoch_results``."""
+    cfg, out = run.cfg, {}
+    if cfg.train.eval_every is not None:
+        dev = data_mod.held_out(pool, cfg.train.eval_n, cfg.data.seed, train_n=cfg.train.n, key="train.eval_n")
+        out["dev_records"] = dev
+        out["dev_eval"] = lambda m: evaluation.evaluate(cfg, m, tokenizer, task, dev)[0]
+        reporter = sweep.trial_reporter() if distributed.world_size() == 1 else None
+        if reporter is not None:
+            def pruned(step, epoch, value):
+                records.write_pruned(run.dir, step, epoch, cfg.objective, value,
+                                     f"{type(reporter.study.pruner).__name__}: held-out {cfg.objective} {value:.4g} "
+                                     f"at step {step}")
+            out["callbacks"] = [training.IntermediateReport(cfg.objective, reporter, pruned)]
+    if cfg.epoch_results.epochs:
+        writer = EpochResultWriter(run, model, tokenizer, task, pool, eval_rows, setup_metrics)
+        out["epoch_results"] = (writer.pending, writer)
+    return out
+
+
+class EpochResultWriter:
+    """Writes, at the end of epoch k of a longer run, the folder a k-epoch run would have made:
+    config.yaml (train.epochs=k), train_log.jsonl up to that step, the adapter or model, predictions
+    and metrics.json (last). A folder that already holds those results (a resumed run) is left as it
+    is; one that holds another experiment is refused before training."""
+
+    def __init__(self, run: Run, model, tokenizer, task, pool, eval_rows, setup_metrics: dict):
+        cfg = run.cfg
+        if distributed.world_size() > 1:
+            raise ConfigError("epoch_results runs in one process: its evaluations at earlier epochs are not spread "
+                              "over ranks. Run the cells separately under torchrun.")
+        self.run, self.model, self.tokenizer, self.task = run, model, tokenizer, task
+        self.pool, self.eval_rows, self.setup_metrics = pool, eval_rows, setup_metrics
+        dirs = cfg.epoch_results.dirs or [run.dir / f"epochs={k}" for k in cfg.epoch_results.epochs]
+        self.dirs = {int(k): Path(str(d)) for k, d in zip(cfg.epoch_results.epochs, dirs)}
+        self.pending = []
+        for epoch, folder in self.dirs.items():
+            records.check_same_experiment(folder, self.config(epoch))
+            if records.reusable_metrics(folder, self.config(epoch)) is None:
+                self.pending.append(epoch)
+
+    def config(self, epoch: int) -> DictConfig:
+        """The config of a run of ``epoch`` epochs that writes into its own folder."""
+        cfg = copy.deepcopy(self.run.cfg)
+        with open_dict(cfg):
+            cfg.train.epochs = float(epoch)
+            cfg.epoch_results.epochs, cfg.epoch_results.dirs = None, None
+            cfg.output_dir = str(self.dirs[epoch])
+            cfg.run_name = f"{cfg.run_name or self.run.dir.name} (epoch {epoch})"
+        return cfg
+
+    def __call__(self, epoch: int, state, train_metrics: dict) -> None:
+        cfg, folder = self.config(epoch), self.dirs[epoch]
+        folder.mkdir(parents=True, exist_ok=True)
+        records.write_config(cfg, folder)
+        every, step = cfg.train.eval_every, state.global_step
+        logged = [json.loads(line) for line in (self.run.dir / "train_log.jsonl").read_text().splitlines() if line]
+        records.atomic_write(folder / "train_log.jsonl",
+                             "".join(json.dumps(row) + "\n" for row in training.rows_until(logged, step, every)))
+        if cfg.train.save_model:
+            out = folder / ("adapter" if cfg.lora.enabled else "model")
+            self.model.save_pretrained(out)
+            self.tokenizer.save_pretrained(out)
+        metrics = {**self.setup_metrics, **train_metrics, "train/peak_memory_mb": memory.peak_mb(self.run.device),
+                   "train/epoch_results_of": self.run.dir.name}
+        if cfg.train.eval_every is not None:
+            metrics.update(training.dev_summary(cfg, state, training.rows_until(state.log_history, step, every)))
+        rows = None
+        if cfg.eval.enabled:
+            was_training = self.model.training
+            found, rows = evaluation.evaluate(cfg, self.model, self.tokenizer, self.task, self.eval_rows, self.pool)
+            metrics.update(found)
+            if cfg.judge.name != "none":
+                metrics.update(judge.judge_predictions(cfg, self.task, [dict(r) for r in self.eval_rows], rows,
+                                                       self.run.device))
+            self.model.train(was_training)
+        if rows is not None:
+            records.write_predictions(rows, folder)
+        records.write_metrics(metrics, folder)
+        print(f"[ftexp] {folder.name} (epoch {epoch} of {self.run.dir.name}): "
+              f"{records.result_row(metrics, cfg.objective, cfg.judge.criteria)}", flush=True)
+
+
 # ----------------------------------------------------------------------------- fine-tune recipe
 
 
@@ -141,9 +226,11 @@ def _finetune(run: Run) -> dict:
         metrics = {"train/trainable_params": trainable, "train/total_params": total,
                    "train/trainable_pct": 100 * trainable / total, **weights}
 
-        # train
+        # train, watched by evaluations on held-out rows and, where asked, writing earlier epochs' results
         memory.reset_peak(run.device)
-        fit = training.train(cfg, model, tokenizer, train_records, run.dir, run.device, run.tracker.report_to)
+        watchers = watch_training(run, model, tokenizer, task, pool, eval_rows, metrics)
+        fit = training.train(cfg, model, tokenizer, train_records, run.dir, run.device, run.tracker.report_to,
+                             **watchers)
         metrics.update(fit["metrics"])
         metrics["train/peak_memory_mb"] = memory.peak_mb(run.device)  # this run's, also in a one-process sweep
         trainer = fit["trainer"]

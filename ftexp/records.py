@@ -130,8 +130,17 @@ def read_failure(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def write_pruned(run_dir: Path, step: int, epoch: float, objective: str, value: float, reason: str) -> None:
+    """``pruned.json``: the sweep's pruner stopped this run at ``step``, where the objective on the held-out
+    rows was ``value`` (the report lists the run as pruned, with that step)."""
+    record = {"status": "pruned", "step": step, "epoch": epoch, "objective": objective, "value": value,
+              "reason": reason}
+    atomic_write(Path(run_dir) / "pruned.json", json.dumps(record, indent=2) + "\n")
+
+
 # Keys that say where a run is written or logged, or where caches live - not what it computes.
-NON_EXPERIMENT_KEYS = ("output_dir", "run_name", "logger", "cache_dir")
+# epoch_results only adds folders for earlier epochs; the run's own results are the same with or without it.
+NON_EXPERIMENT_KEYS = ("output_dir", "run_name", "logger", "cache_dir", "epoch_results")
 
 
 def experiment_fingerprint(config: dict) -> str:

@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import optuna
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
 from sqlalchemy.engine import make_url
 
 from ftexp import distributed, records
@@ -112,6 +114,59 @@ def claim_lock(storage_url: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def study_location(sweep_dir: Path, storage: str | None, study_name: str | None) -> tuple[str, str]:
+    """(storage URL, study name) of a sweep: ``hydra.sweeper.storage``, else optuna.db in the sweep dir;
+    ``hydra.sweeper.study_name``, else the sweep dir's name."""
+    return str(storage or f"sqlite:///{Path(sweep_dir).absolute() / 'optuna.db'}"), study_name or Path(sweep_dir).name
+
+
+def open_storage(url: str, **kwargs) -> optuna.storages.RDBStorage:
+    """The study's database; SQLite waits up to a minute for a lock another worker holds."""
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+
+
+# The environment variable that tells a trial's process which Optuna trial it is (hydra.job.env_set)
+TRIAL_ENV = "FTEXP_TRIAL"
+
+
+class TrialReporter:
+    """A sweep trial's side of pruning: each evaluation during training is reported to its Optuna trial
+    (``trial.report``), and the study's pruner says whether to stop (``trial.should_prune``). The trial
+    lives in the sweeper's process; this opens the same study from the trial's own process."""
+
+    def __init__(self, url: str, study_name: str, number: int, pruner):
+        storage = open_storage(url)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+        self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
+        self.trial = optuna.trial.Trial(self.study, trial_id)
+        self.number = number
+
+    def report(self, value: float, step: int) -> bool:
+        """Report ``value`` at ``step``; True when the pruner gives the trial up."""
+        self.trial.report(value, step)
+        return self.trial.should_prune()
+
+    def pruned(self, step: int, value: float) -> optuna.TrialPruned:
+        return optuna.TrialPruned(f"trial {self.number} pruned at step {step} (held-out objective {value:.4g}) by "
+                                  f"{type(self.study.pruner).__name__}")
+
+
+def trial_reporter() -> TrialReporter | None:
+    """This process's ``TrialReporter`` when it runs a trial of a sweep that prunes
+    (``hydra.sweeper.pruner``); None otherwise."""
+    number = os.environ.get(TRIAL_ENV)
+    if number is None or not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    pruner = hydra_cfg.sweeper.get("pruner")
+    if not pruner:
+        return None
+    url, name = study_location(Path(str(hydra_cfg.sweep.dir)), hydra_cfg.sweeper.get("storage"),
+                               hydra_cfg.sweeper.get("study_name"))
+    return TrialReporter(url, name, int(number), instantiate(pruner))
+
+
 class TrialFailed(RuntimeError):
     """A trial raised; the message is the error's one-line summary (details in failed.json)."""
 
@@ -119,7 +174,8 @@ class TrialFailed(RuntimeError):
 class TrialFunction:
     """What the launcher runs for each trial: the task function, guarded.
 
-    A parallel worker process (joblib) first takes a GPU of its own. A trial that raises,
+    A parallel worker process (joblib) first takes a GPU of its own. A trial its pruner stopped
+    raises ``optuna.TrialPruned`` to the sweeper (its folder holds pruned.json). A trial that raises,
     CUDA out-of-memory and ``sys.exit`` from a config error included, leaves ``failed.json``
     (error, type, traceback) in its run directory and is reported to the sweeper as failed;
     the sweep goes on. Ctrl-C still stops everything.
@@ -135,7 +191,7 @@ class TrialFunction:
             Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None)
         try:
             value = self.fn(cfg)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, optuna.TrialPruned):  # a pruned trial is an outcome, not a failure
             raise
         except BaseException as exc:  # noqa: BLE001 - a trial's failure must not end the sweep
             if isinstance(exc, SystemExit) and not exc.code:

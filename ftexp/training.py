@@ -16,19 +16,24 @@ preparing the training rows.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
+import random
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import PrinterCallback, TrainerCallback
+from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
 
 from ftexp import distributed, loss, throughput
 from ftexp.cache import tokenized_prefix
 from ftexp.config import ConfigError
+from ftexp.tasks import metric_direction
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ class LossLog(TrainerCallback):
     def __init__(self, path: Path, on_log=None, resume_step: int = 0):
         self.path = path
         self.losses: list[float] = []
+        self.steps: list[int] = []
         self.on_log_fn = on_log
         kept = []
         if resume_step and path.exists():
@@ -57,11 +63,15 @@ class LossLog(TrainerCallback):
                     continue
                 if row.get("step", 0) <= resume_step:
                     kept.append(line)
-                    self.losses.append(float(row["loss"]))
+                    if "loss" in row:
+                        self.losses.append(float(row["loss"]))
+                        self.steps.append(int(row["step"]))
         if distributed.is_main():
             path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and any(k.startswith("eval_") for k in logs) and state.is_world_process_zero:
+            self.write({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs})
         if not logs or "loss" not in logs:
             return
         if state.is_world_process_zero:
@@ -80,15 +90,175 @@ class LossLog(TrainerCallback):
                 f"(train.learning_rate={args.learning_rate:g}). Lower train.learning_rate (or warm up to it with "
                 f"train.warmup_steps); the steps logged so far are in {self.path}.")
 
+    def write(self, row: dict) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> dict:
+        """The first and last logged loss and the mean loss per step: each logged loss is the mean of
+        the steps since the one before, so it counts for that many steps."""
+        if not self.losses:
+            return {}
+        spans = np.diff([0, *self.steps])
+        return {"train/loss_first": self.losses[0], "train/loss_last": self.losses[-1],
+                "train/loss_mean": float(np.dot(self.losses, spans) / max(spans.sum(), 1))}
+
     def record(self, args, state, logs):
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         self.losses.append(float(logs["loss"]))
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        self.steps.append(int(state.global_step))
+        self.write(row)
         if self.on_log_fn:
             self.on_log_fn(row)
         if state.global_step == 1 or state.global_step % (args.logging_steps * 10) == 0 or state.global_step == state.max_steps:
             log.info("step %d/%d  epoch %.2f  loss %.4f", state.global_step, state.max_steps, state.epoch or 0, logs["loss"])
+
+
+class EpochEndsLogged(TrainerCallback):
+    """Log the last step of every epoch and of the run, besides every ``logging_steps``: the train log
+    then has each epoch's loss, ``train/loss_last`` is the loss where training ended, and the first k
+    epochs of a longer run log exactly what a k-epoch run logs (``EpochResults``)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        epoch = state.epoch or 0.0
+        if state.global_step >= state.max_steps or (epoch > 0 and abs(epoch - round(epoch)) < 1e-9):
+            control.should_log = True
+
+
+@contextlib.contextmanager
+def rng_untouched():
+    """Run a block without moving any random number generator training reads (torch's on every
+    device, numpy's, Python's): evaluation in the middle of a run then leaves the rest of the run
+    (dropout masks, sampling) exactly as it would have been without it."""
+    py, npy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+class DevEvaluation:
+    """Trainer mixin: ``evaluate()`` scores held-out rows with the task's own metric.
+
+    The Trainer calls ``evaluate`` on its own schedule (``eval_strategy`` / ``eval_steps``, from
+    ``train.eval_every``); here it runs ``dev_eval(model)`` (ftexp's generation or label likelihood,
+    returning ``eval/*`` metrics) instead of the Trainer's loss loop, logs the numbers as
+    ``eval_<name>`` (train_log.jsonl, W&B) and hands them to the callbacks' ``on_evaluate``, which
+    is where transformers' EarlyStoppingCallback and the sweep's pruning report read them. Its
+    seconds are kept apart (``eval_seconds``) so training throughput leaves them out.
+    """
+
+    dev_eval = None
+    eval_seconds = 0.0
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if self.dev_eval is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        start = time.perf_counter()
+        was_training = self.model.training
+        with rng_untouched():
+            found = self.dev_eval(self.model)
+        self.model.train(was_training)
+        took = time.perf_counter() - start
+        self.eval_seconds += took
+        metrics = {f"{metric_key_prefix}_{k.split('/', 1)[1]}": float(v) for k, v in found.items()
+                   if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics[f"{metric_key_prefix}_runtime"] = took
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+@functools.cache
+def with_dev_evaluation(trainer_class: type) -> type:
+    """``trainer_class`` with ``DevEvaluation``'s evaluate."""
+    return type(trainer_class.__name__, (DevEvaluation, trainer_class), {})
+
+
+def trainer_class(base: type) -> type:
+    """A decoder-only trainer: ``base`` with the completion loss (ftexp/loss.py) and ``DevEvaluation``."""
+    return loss.with_completion_loss(with_dev_evaluation(base))
+
+
+class IntermediateReport(TrainerCallback):
+    """Hand each evaluation's objective to a sweep's trial (``report(value, step) -> prune?``) and stop
+    a trial its pruner gives up on: ``on_pruned(step, epoch, value)`` records it, then it raises."""
+
+    def __init__(self, objective: str, reporter, on_pruned):
+        self.key = "eval_" + objective.split("/", 1)[1]
+        self.reporter, self.on_pruned = reporter, on_pruned
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or self.key not in metrics:
+            return
+        value = float(metrics[self.key])
+        if self.reporter.report(value, state.global_step):
+            self.on_pruned(state.global_step, round(state.epoch or 0.0, 4), value)
+            raise self.reporter.pruned(state.global_step, value)
+
+
+class EpochResults(TrainerCallback):
+    """At the end of each epoch in ``epochs``, ``write(epoch, state)`` writes the results a run of
+    that many epochs would have made.
+
+    The end of an epoch is its last optimizer step (``on_step_end``, state.epoch a whole number),
+    which is logged (``EpochEndsLogged``) and, with evaluation during training, evaluated (a run
+    that ends there evaluates at its last step). The results are written once that step's log row
+    and evaluation are in the train log, as the shorter run would have had both, and before a checkpoint
+    of that step is saved, so a run resumed from it finds them written. ``write`` runs without moving
+    any random number generator (``rng_untouched``); its seconds are kept in ``seconds``.
+    """
+
+    def __init__(self, epochs, write):
+        self.pending, self.write, self.seconds = sorted(epochs), write, 0.0
+        self.due: int | None = None
+        self.after = "log"  # the event after which the due epoch is written: "log" or "evaluate"
+
+    def on_step_end(self, args, state, control, **kwargs):
+        epoch = round(state.epoch or 0.0)
+        if epoch in self.pending and abs((state.epoch or 0.0) - epoch) < 1e-9:
+            self.due = epoch
+            if args.eval_strategy == "steps":  # a run that ends here evaluates at its last step: so does this one
+                control.should_evaluate = True
+            self.after = "log" if args.eval_strategy == "no" else "evaluate"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.after == "log" and logs and "loss" in logs:
+            self._write(state)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.after == "evaluate":
+            self._write(state)
+
+    def _write(self, state) -> None:
+        if self.due is None:
+            return
+        epoch, self.due = self.due, None
+        self.pending.remove(epoch)
+        start = time.perf_counter()
+        with rng_untouched():
+            self.write(epoch, state)
+        self.seconds += time.perf_counter() - start
+
+
+def evaluation_args(cfg) -> dict:
+    """The Trainer's evaluation schedule from ``train.eval_every``, and with early stopping the metric
+    it watches (the objective, in its own direction) and the best checkpoint restored at the end:
+    checkpoints are then saved at every evaluation, as ``load_best_model_at_end`` requires."""
+    t = cfg.train
+    if t.eval_every is None:
+        return {"eval_strategy": "no"}
+    steps = {} if t.eval_every == "epoch" else {"eval_steps": int(t.eval_every)}
+    args = {"eval_strategy": "epoch" if t.eval_every == "epoch" else "steps", **steps}
+    if t.early_stopping.patience is not None:
+        args.update(metric_for_best_model=str(cfg.objective).split("/", 1)[1],
+                    greater_is_better=metric_direction(str(cfg.objective), str(cfg.task.kind)) == "maximize",
+                    load_best_model_at_end=True, save_strategy=args["eval_strategy"], save_steps=steps.get(
+                        "eval_steps", 500), save_total_limit=max(int(t.save_total_limit), 2))
+    return args
 
 
 def common_args(cfg, out_dir: Path, device: str, report_to: list[str]) -> dict:
@@ -115,7 +285,6 @@ def common_args(cfg, out_dir: Path, device: str, report_to: list[str]) -> dict:
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
-        eval_strategy="no",
         report_to=report_to,
         run_name=cfg.run_name,
         use_cpu=device == "cpu",
@@ -123,7 +292,7 @@ def common_args(cfg, out_dir: Path, device: str, report_to: list[str]) -> dict:
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
         dataloader_pin_memory=device == "cuda",
-    )
+    ) | evaluation_args(cfg)
 
 
 def sampling_strategy(t) -> str:
@@ -169,7 +338,7 @@ def sft_rows(cfg, tokenizer, train_records):
 
 
 def build_sft_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to, callbacks,
-                      timings: dict | None = None):
+                      timings: dict | None = None, eval_data=None):
     """TRL's SFTTrainer on the prepared rows; ``timings["data/prep_s"]`` gets the preparation's seconds."""
     from trl import SFTConfig, SFTTrainer
 
@@ -191,8 +360,8 @@ def build_sft_trainer(cfg, model, tokenizer, train_records, out_dir: Path, devic
         # rows are cut already; TRL refuses a max_length it does not apply (padding-free without packing)
         max_length=None if t.padding_free and not t.packing else t.max_length,
     )
-    trainer = loss.with_completion_loss(SFTTrainer)(model=model, args=args, train_dataset=train_data,
-                                                     processing_class=tokenizer, callbacks=callbacks)
+    trainer = trainer_class(SFTTrainer)(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                                        processing_class=tokenizer, callbacks=callbacks)
     trainer.head_positions_only = loss.runs_on(model, device, head_adapter=False)
     return trainer
 
@@ -251,7 +420,7 @@ def tokenize_seq2seq(records, tokenizer, max_length: int, truncation: str):
 
 
 def build_seq2seq_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to, callbacks,
-                          timings: dict | None = None):
+                          timings: dict | None = None, eval_data=None):
     """transformers' Seq2SeqTrainer (TRL's SFTTrainer is decoder-only) on prompt -> completion pairs."""
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
@@ -262,8 +431,8 @@ def build_seq2seq_trainer(cfg, model, tokenizer, train_records, out_dir: Path, d
     _took(timings, start)
     # With the model, the collator also builds decoder_input_ids (labels shifted right).
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
-    return Seq2SeqTrainer(model=model, args=args, train_dataset=data, data_collator=collator,
-                          processing_class=tokenizer, callbacks=callbacks)
+    return with_dev_evaluation(Seq2SeqTrainer)(model=model, args=args, train_dataset=data, eval_dataset=eval_data,
+                                               data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
 
 
 def head_has_adapter(model) -> bool:
@@ -275,7 +444,7 @@ def head_has_adapter(model) -> bool:
 
 
 def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to,
-                               callbacks, timings: dict | None = None):
+                               callbacks, timings: dict | None = None, eval_data=None):
     """Decoder-only training when lm_head carries a LoRA adapter (the CommonLit study's setup).
 
     TRL's SFTTrainer refuses such a model: its loss reads log-probabilities straight
@@ -294,8 +463,8 @@ def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Pa
     _took(timings, start)
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
                                                padding_free=bool(cfg.train.packing or cfg.train.padding_free))
-    trainer = loss.with_completion_loss(Trainer)(model=model, args=args, train_dataset=data, data_collator=collator,
-                                                  processing_class=tokenizer, callbacks=callbacks)
+    trainer = trainer_class(Trainer)(model=model, args=args, train_dataset=data, eval_dataset=eval_data,
+                                     data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
     trainer.head_positions_only = loss.runs_on(model, device, head_adapter=True)
     return trainer
 
@@ -322,11 +491,15 @@ def last_checkpoint(folder: Path) -> tuple[Path | None, int]:
     return path, step
 
 
-def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, report_to=(), on_log=None) -> dict:
+def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, report_to=(), on_log=None,
+          dev_eval=None, dev_records=None, callbacks=(), epoch_results=None) -> dict:
     """Fit ``model`` on prompt/completion ``train_records``; return train/* metrics.
 
     Resumes from the newest complete checkpoint in ``<run_dir>/checkpoints`` when a
     killed run left one (optimizer, scheduler, RNG and data position included).
+    ``dev_eval(model) -> eval/* metrics`` scores ``dev_records`` on ``train.eval_every``'s
+    schedule (``DevEvaluation``); ``callbacks`` see those evaluations. ``epoch_results`` =
+    (epochs, write): ``write(epoch, state, train_metrics)`` at the end of each of those epochs.
     """
     scratch = run_dir / CHECKPOINTS  # the trainer's output_dir: checkpoints only
     resume, resume_step = last_checkpoint(scratch)
@@ -347,40 +520,87 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
         build = build_head_adapter_trainer
     else:
         build = build_sft_trainer
+    hooks = [loss_log, EpochEndsLogged(), *callbacks]
+    if cfg.train.early_stopping.patience is not None:
+        hooks.append(EarlyStoppingCallback(int(cfg.train.early_stopping.patience),
+                                           float(cfg.train.early_stopping.threshold)))
     timings: dict = {}
-    trainer = build(cfg, model, tokenizer, train_records, scratch, device, list(report_to), [loss_log], timings)
+    trainer = build(cfg, model, tokenizer, train_records, scratch, device, list(report_to), hooks, timings,
+                    eval_data=dev_records if dev_eval is not None else None)
+    trainer.dev_eval = dev_eval
     trainer.remove_callback(PrinterCallback)  # LossLog reports progress instead of raw dicts
     per_token = throughput.flops_per_token(model, frozen_base=bool(cfg.lora.enabled))  # before any sharding
     counter = throughput.TokenCounter(trainer.model)  # the batches actually trained, this session
     start = time.perf_counter()
+    epochs_cb = None
+
+    def so_far(state) -> dict:
+        """train/* metrics of the training done up to now (evaluations' time left out)."""
+        seconds = time.perf_counter() - start - trainer.eval_seconds - (epochs_cb.seconds if epochs_cb else 0.0)
+        real, padded = counter.totals()  # all ranks
+        return {
+            **loss_log.metrics(),
+            "train/steps": int(state.global_step),
+            "train/samples": len(train_records),
+            "train/runtime_s": seconds,
+            # real (non-padding) tokens of all ranks: before a resume as the checkpoint's trainer counted them
+            "train/tokens": tokens_before + real,
+            # tokens/s, padding, FLOPs per token, MFU: this session's (since start or resume), all ranks
+            **throughput.metrics(cfg, device, model, per_token, real, padded, seconds, distributed.world_size()),
+            "data/prep_s": timings.get("data/prep_s", 0.0),
+            "train/resumed_from_step": resume_step,
+            # train.batch_size is per process; a step sees world_size x batch_size x grad_accum rows
+            "train/world_size": distributed.world_size(),
+            "train/global_batch_size": distributed.world_size() * cfg.train.batch_size * cfg.train.grad_accum,
+        }
+
+    if epoch_results is not None:
+        epochs, write = epoch_results
+        epochs_cb = EpochResults(epochs, lambda epoch, state: write(epoch, state, so_far(state)))
+        trainer.add_callback(epochs_cb)
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        metrics = so_far(trainer.state)
     finally:
         counter.remove()
-    runtime = time.perf_counter() - start
-    real, padded = counter.totals()  # all ranks
     distributed.barrier()  # every rank is done with the checkpoints before rank 0 removes them
     if distributed.is_main() and scratch.is_dir() and (not cfg.train.keep_checkpoints or not any(scratch.iterdir())):
         gone = scratch.with_name(scratch.name + ".removing")  # a kill mid-removal leaves no half checkpoint
         shutil.rmtree(gone, ignore_errors=True)
         scratch.rename(gone)
         shutil.rmtree(gone)
-    losses = loss_log.losses or [float(result.training_loss)]
-    metrics = {
-        "train/loss_first": losses[0],
-        "train/loss_last": losses[-1],
-        "train/loss_mean": float(result.training_loss),
-        "train/steps": int(trainer.state.global_step),
-        "train/samples": len(train_records),
-        "train/runtime_s": runtime,
-        # real (non-padding) tokens of all ranks: before a resume as the checkpoint's trainer counted them
-        "train/tokens": tokens_before + real,
-        # tokens/s, padding, FLOPs per token, MFU: this session's (since start or resume), all ranks
-        **throughput.metrics(cfg, device, model, per_token, real, padded, runtime, distributed.world_size()),
-        "data/prep_s": timings.get("data/prep_s", 0.0),
-        "train/resumed_from_step": resume_step,
-        # train.batch_size is per process; a step sees world_size x batch_size x grad_accum rows
-        "train/world_size": distributed.world_size(),
-        "train/global_batch_size": distributed.world_size() * cfg.train.batch_size * cfg.train.grad_accum,
-    }
+    if not loss_log.losses:
+        metrics.update({"train/loss_first": float(result.training_loss), "train/loss_last": float(
+            result.training_loss), "train/loss_mean": float(result.training_loss)})
+    if dev_eval is not None:
+        metrics.update(dev_summary(cfg, trainer.state))
     return {"metrics": metrics, "trainer": trainer}
+
+
+def rows_until(rows: list[dict], step: int, eval_every) -> list[dict]:
+    """The train log ``rows`` (or the Trainer's log history) a run ending at ``step`` would have written:
+    those up to it, less the evaluations a longer run made at the end of an earlier epoch that is
+    kept as a result of its own (``EpochResults``), where a run ending at ``step`` did not evaluate."""
+    def kept(row: dict) -> bool:
+        if row.get("step", 0) > step:
+            return False
+        evaluated = any(k.startswith("eval_") for k in row)
+        return not (evaluated and isinstance(eval_every, int) and row["step"] % eval_every and row["step"] != step)
+    return [row for row in rows if kept(row)]
+
+
+def dev_summary(cfg, state, history: list[dict] | None = None) -> dict:
+    """What the evaluations during training found (in ``history``, else the state's log history): how many,
+    the best objective and its step, and, with early stopping, whether it stopped the run early."""
+    key = "eval_" + str(cfg.objective).split("/", 1)[1]
+    seen = [(row["step"], row[key]) for row in (state.log_history if history is None else history) if key in row]
+    out = {"train/dev_evaluations": len(seen), "train/dev_n": int(cfg.train.eval_n)}
+    if seen:
+        pick = max if metric_direction(str(cfg.objective), str(cfg.task.kind)) == "maximize" else min
+        step, value = pick(seen, key=lambda sv: sv[1])
+        out.update({f"train/dev_best_{key[5:]}": float(value), "train/dev_best_step": int(step),
+                    f"train/dev_last_{key[5:]}": float(seen[-1][1])})
+    if cfg.train.early_stopping.patience is not None:
+        out["train/early_stopped"] = int(state.global_step < state.max_steps)
+        out["train/stopped_at_step"] = int(state.global_step)
+    return out
