@@ -89,6 +89,20 @@ def test_f1_of_a_resample_is_scikit_learns_f1_weighted_by_the_draw_counts():
     assert resampled == pytest.approx(expected, abs=1e-12)
 
 
+def test_with_both_eval_methods_each_accuracy_reads_its_own_prediction():
+    """eval.method=both: eval/accuracy and eval/f1 are the generated answers' (predicted_label),
+    eval/likelihood_accuracy and eval/likelihood_f1 the label likelihood's (likelihood_prediction)."""
+    labels = ["negative", "positive"]
+    rows = [{"reference": ref, "predicted_label": gen, "likelihood_prediction": lik}
+            for ref, gen, lik in [("positive", "positive", "positive"), ("negative", None, "negative"),
+                                  ("positive", "negative", "positive"), ("negative", "negative", "positive")]]
+    config = flat_labels(labels)
+    assert intervals.metric_statistic("eval/accuracy", rows, config).value() == 0.5
+    assert intervals.metric_statistic("eval/likelihood_accuracy", rows, config).value() == 0.75
+    assert intervals.metric_statistic("eval/f1", rows, config).value() == pytest.approx(2 / 3)  # tp 1, fn 1
+    assert intervals.metric_statistic("eval/likelihood_f1", rows, config).value() == pytest.approx(0.8)
+
+
 def test_per_example_means_give_back_rouge_exact_match_and_token_f1():
     rows = [{"reference": f"r{i}", "rouge1": 0.1 * i, "rouge2": 0.0, "rougeL": 0.05 * i, "exact_match": i % 2 == 0,
              "token_f1": 0.2 * i} for i in range(5)]
@@ -105,7 +119,8 @@ def test_mcrmse_on_all_examples_is_the_scoring_tasks():
     predictions = [f"Wording: {r['wording'] + e:.2f}\nContent: {r['content'] - e:.2f}" if i % 7 else "no idea"
                    for i, (r, e) in enumerate(zip(records, rng.normal(scale=0.5, size=40)))]
     metrics, rows = task.score(predictions, records)
-    statistic = intervals.metric_statistic("eval/mcrmse", rows, {"task.fields.0": "wording", "task.fields.1": "content"})
+    fields = {"task.fields.0": "wording", "task.fields.1": "content"}
+    statistic = intervals.metric_statistic("eval/mcrmse", rows, fields)
     assert statistic.value() == pytest.approx(metrics["eval/mcrmse"], abs=1e-12)
     assert intervals.interval(statistic).low < metrics["eval/mcrmse"] < intervals.interval(statistic).high
 
