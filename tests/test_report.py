@@ -1,7 +1,7 @@
 """python -m ftexp.report: a sweep dir of run folders -> results.md / results.csv / results.png.
 
-The sweeps here are written by hand (config.yaml + metrics.json or failed.json per run folder),
-so every case runs in well under a second."""
+The sweeps here are written by hand (config.yaml + metrics.json, failed.json or pruned.json per run
+folder, and predictions.jsonl where a case needs intervals), so every case runs in about a second."""
 
 from __future__ import annotations
 
@@ -11,20 +11,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from sklearn.metrics import f1_score
 
 from conftest import ROOT
 from ftexp import records, report
 
 
+LABELS = ("negative", "positive")
+SST2_DEV = 872
+
+
 def make_run(root, name, *, n=100, epochs=1, seed=42, r=8, lora=True, quant="nf4", kind="classification",
-             metrics=None, error=None, shots=None, objective="eval/accuracy", **extra):
+             metrics=None, error=None, shots=None, objective="eval/accuracy", predictions=None, pruned=None, **extra):
     run = root / name
     run.mkdir(parents=True)
+    labels = {"labels": dict(enumerate(LABELS))} if kind == "classification" else {}
     cfg = {"model": {"name": "llama2_13b"}, "quant": {"name": quant}, "lora": {"enabled": lora, "r": r},
            "train": {"n": n, "epochs": epochs, "max_steps": None, "seed": seed, **extra},
-           "task": {"kind": kind}, "eval": {"shots": shots or 0}, "objective": objective,
+           "task": {"kind": kind, **labels}, "eval": {"shots": shots or 0}, "objective": objective,
            "logger": {"name": "none"}, "output_dir": None, "run_name": name}
     OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
     if metrics is not None:
@@ -37,7 +44,48 @@ def make_run(root, name, *, n=100, epochs=1, seed=42, r=8, lora=True, quant="nf4
             raise RuntimeError(error)
         except RuntimeError as err:
             records.write_failure(run, err)
+    if predictions is not None:
+        records.write_predictions(predictions, run)
+    if pruned is not None:
+        (run / "pruned.json").write_text(json.dumps({"status": "pruned", **pruned}))
     return run
+
+
+def references(n: int = SST2_DEV, seed: int = 0) -> list[str]:
+    """The gold labels of ``n`` seeded sentences, as predictions.jsonl names them."""
+    return [LABELS[i] for i in np.random.default_rng(seed).integers(0, 2, size=n)]
+
+
+def answers(gold: list[str], right: np.ndarray) -> tuple[dict, list[dict]]:
+    """(metrics, predictions.jsonl rows) of a classifier that is right where ``right`` says, as a run writes them."""
+    predicted = [g if ok else LABELS[1 - LABELS.index(g)] for g, ok in zip(gold, right)]
+    rows = [{"input": f"sentence {i}", "reference": g, "prediction": p, "predicted_label": p, "correct": g == p,
+             "irregular": False} for i, (g, p) in enumerate(zip(gold, predicted))]
+    f1 = f1_score(gold, predicted, pos_label="positive")
+    return {"eval/accuracy": float(np.mean(right)), "eval/f1": float(f1), "eval/n": len(gold)}, rows
+
+
+def classifier_run(root, name, right: np.ndarray, gold: list[str] | None = None, **kwargs):
+    """A classification run folder whose metrics.json and predictions.jsonl agree."""
+    metrics, rows = answers(references(len(right)) if gold is None else gold, right)
+    return make_run(root, name, metrics=metrics, predictions=rows, **kwargs)
+
+
+def right_answers(correct: int, n: int = SST2_DEV) -> np.ndarray:
+    """Which of ``n`` sentences a run gets right: the first ``correct`` of one seeded order, so that a better
+    run gets right what a worse one did, and more."""
+    return np.isin(np.arange(n), np.random.default_rng(1).permutation(n)[:correct])
+
+
+def table_row(text: str, needle: str) -> list[str]:
+    """The cells of the results.md row that holds ``needle``."""
+    line = next(line for line in text.splitlines() if line.startswith("| ") and needle in line)
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def column(text: str, name: str) -> int:
+    """The index of column ``name`` in results.md's table."""
+    return table_row(text, "| Method |").index(name)
 
 
 @pytest.fixture
@@ -83,7 +131,7 @@ def test_seeds_give_mean_std_and_the_number_of_seeds(tmp_path):
     text = report.write_report(sweep)[0].read_text()
     assert "| Seeds | Status |" in text
     row = next(line for line in text.splitlines() if "| 100 (1) |" in line)
-    assert "0.850 ± 0.050" in row and "| 3 | ok |" in row
+    assert "| 0.850 (sd 0.050) |" in row and "| 3 | ok |" in row  # no predictions: the spread over seeds only
     row = next(line for line in text.splitlines() if "| 1,000 (1) |" in line)
     assert "| 1/2 | 1 ok, 1 failed: RuntimeError: boom |" in row
 
@@ -199,3 +247,132 @@ def test_a_loss_that_rose_is_flagged_in_the_table_and_the_result_row(tmp_path):
     line = records.result_row({**rose, "eval/irregular": 0, "eval/n": 4}, "eval/accuracy")
     assert "loss 8.360->409.000 (ROSE: last above first)" in line
     assert "ROSE" not in records.result_row({**rose, "train/loss_last": 0.5, "eval/n": 4}, "eval/accuracy")
+
+
+@pytest.fixture
+def scored(tmp_path):
+    """A sweep whose runs kept their predictions on SST-2's 872 dev sentences, and a zero-shot baseline."""
+    sweep = tmp_path / "sst2_scored"
+    classifier_run(sweep, "0_n=100", right_answers(700), n=100)  # 0.803
+    classifier_run(sweep, "1_n=1000", right_answers(750), n=1000)  # 0.860: the best
+    classifier_run(sweep, "2_n=5000", right_answers(748), n=5000)  # two sentences fewer: within noise
+    zero = classifier_run(tmp_path / "baselines", "zero", right_answers(550), n=None, lora=False, quant="none",
+                          shots=0)  # 0.631
+    return sweep, zero
+
+
+def test_every_metric_shows_its_interval_and_the_paired_tests_mark_each_cell(scored):
+    sweep, zero = scored
+    md, csv_path, png = report.write_report(sweep, baselines=[zero])
+    text = md.read_text()
+    assert "| Accuracy | F1 | vs best | vs baseline |" in text
+    best = table_row(text, "| 1,000 (1) |")
+    assert best[column(text, "Accuracy")].startswith("0.860 ± 0.02") and " ± " in best[column(text, "F1")]
+    assert best[column(text, "vs best")] == "best" and best[column(text, "vs baseline")] == "+0.229 †"
+    assert table_row(text, "| 100 (1) |")[column(text, "vs best"):column(text, "vs best") + 2] == ["-0.057 *",
+                                                                                                   "+0.172 †"]
+    assert table_row(text, "| 5,000 (1) |")[column(text, "vs best")] == "-0.002"  # two sentences: noise
+    baseline = table_row(text, "zero-shot prompt")
+    assert baseline[column(text, "vs best")] == "-0.229 *" and baseline[column(text, "vs baseline")] == "baseline"
+    assert ("Paired bootstrap over the 872 eval examples, 10,000 resamples, 95% percentile interval of the "
+            "difference; * beyond noise vs the best cell, † beyond noise vs the baseline") in text
+    assert "value ± h: h is half the width of the 95% bootstrap interval" in text
+    rows = {r["# training data"]: r for r in csv.DictReader(csv_path.open())}
+    low, value, high = (float(rows["1000"][f"Accuracy{b}"]) for b in (" lo", "", " hi"))
+    assert low < value < high and (high - low) / 2 == pytest.approx(0.023, abs=0.003)  # a binomial 0.86 on 872
+    assert rows["100"]["vs best test"] == "beyond noise" and rows["5000"]["vs best test"] == "within noise"
+    assert float(rows["100"]["vs best hi"]) < 0 and float(rows["5000"]["vs best lo"]) < 0 <= float(
+        rows["5000"]["vs best hi"])
+    assert png.stat().st_size > 1000
+
+
+def test_seeds_with_predictions_show_their_interval_and_their_spread(tmp_path):
+    sweep = tmp_path / "seeds"
+    for seed, correct in ((1, 700), (2, 740), (3, 720)):
+        classifier_run(sweep, f"{seed}_seed={seed}", right_answers(correct), n=100, seed=seed)
+    text = report.write_report(sweep)[0].read_text()
+    accuracy = table_row(text, "| 100 (1) |")[column(text, "Accuracy")]
+    assert accuracy.startswith("0.826 ± 0.0") and accuracy.endswith("(sd 0.023)")
+    assert "sd: the spread across seeds" in text and "resamples the examples of all its seeds jointly" in text
+
+
+def test_a_run_without_predictions_renders_without_an_interval_and_is_not_tested(tmp_path):
+    sweep = tmp_path / "mixed"
+    classifier_run(sweep, "0_n=100", right_answers(800), n=100)  # the best cell
+    make_run(sweep, "1_n=1000", n=1000, metrics={"eval/accuracy": 0.86, "eval/f1": 0.85})  # no predictions.jsonl
+    unreadable = make_run(sweep, "2_n=5000", n=5000, metrics={"eval/accuracy": 0.87, "eval/f1": 0.86})
+    (unreadable / "predictions.jsonl").write_text("{not json\n")  # the same as none
+    text = report.write_report(sweep)[0].read_text()
+    for needle, shown in (("| 1,000 (1) |", "0.860"), ("| 5,000 (1) |", "0.870")):
+        assert table_row(text, needle)[column(text, "Accuracy")] == shown
+    assert " ± " in table_row(text, "| 100 (1) |")[column(text, "Accuracy")]
+    assert "vs best" not in text  # nothing could be paired with the best cell
+    assert "A value without ± has no per-example predictions" in text
+
+
+def test_only_runs_on_the_same_examples_are_paired(tmp_path):
+    sweep = tmp_path / "other_examples"
+    classifier_run(sweep, "0_n=100", right_answers(700), n=100)
+    classifier_run(sweep, "1_n=1000", right_answers(750), n=1000)
+    classifier_run(sweep, "2_n=5000", right_answers(400, n=500), n=5000)  # 500 sentences only
+    shuffled = references()[::-1]
+    classifier_run(sweep, "3_n=20000", right_answers(740), gold=shuffled, n=20000)  # the 872, in another order
+    text = report.write_report(sweep)[0].read_text()
+    for needle in ("| 5,000 (1) |", "| 20,000 (1) |"):
+        row = table_row(text, needle)
+        assert row[column(text, "vs best")] == "not comparable" and " ± " in row[column(text, "Accuracy")]
+    assert table_row(text, "| 100 (1) |")[column(text, "vs best")] == "-0.057 *"
+
+
+def test_predictions_that_do_not_give_back_the_metrics_show_no_interval(tmp_path, caplog):
+    sweep = tmp_path / "stale"
+    classifier_run(sweep, "0_n=100", right_answers(700), n=100)
+    stale = classifier_run(sweep, "1_n=1000", right_answers(750), n=1000)
+    records.write_metrics({**json.loads((stale / "metrics.json").read_text()), "eval/accuracy": 0.9}, stale)
+    text = report.write_report(sweep)[0].read_text()
+    row = table_row(text, "| 1,000 (1) |")
+    assert row[column(text, "Accuracy")] == "0.900" and " ± " in row[column(text, "F1")]
+    assert "predictions.jsonl gives eval/accuracy 0.860092 and metrics.json 0.9" in caplog.text
+
+
+def test_a_pruned_trial_is_listed_with_its_step_and_intermediate_objective(tmp_path):
+    sweep = tmp_path / "pruned"
+    classifier_run(sweep, "0_n=100", right_answers(700), n=100)
+    make_run(sweep, "1_n=1000", n=1000, pruned={"step": 40, "epoch": 0.4878, "objective": "eval/accuracy",
+                                                "value": 0.712, "reason": "below the median of earlier trials"})
+    md, csv_path, _ = report.write_report(sweep)
+    text = md.read_text()
+    row = table_row(text, "| 1,000 (1) |")
+    assert row[-1] == "pruned at step 40 (epoch 0.488)" and row[column(text, "Accuracy")] == "0.712 (intermediate)"
+    assert row[column(text, "F1")] == "" and "vs best" not in text  # nothing to pair with the one finished run
+    assert "1 finished, 0 failed, 1 pruned." in text and "(intermediate): the last Accuracy a pruned trial" in text
+    rows = list(csv.DictReader(csv_path.open()))
+    assert (rows[1]["Accuracy"], rows[1]["Intermediate objective"]) == ("", "0.712")
+    assert rows[1]["Status"] == "pruned at step 40 (epoch 0.488)"
+    runs = report.find_runs(sweep)
+    assert [r.status for r in runs] == ["ok", "pruned"]
+
+
+def test_a_retried_pruned_cell_shows_its_finished_run(tmp_path):
+    sweep = tmp_path / "retried"
+    make_run(sweep, "0_n=100", n=100, pruned={"step": 5, "epoch": 0.1, "objective": "eval/accuracy", "value": 0.5})
+    make_run(sweep, "1_n=100", n=100, metrics={"eval/accuracy": 0.9, "eval/f1": 0.9})
+    rows = list(csv.DictReader(report.write_report(sweep)[1].open()))
+    assert [(r["Accuracy"], r["Status"], r["Intermediate objective"]) for r in rows] == [("0.9", "ok", "")]
+
+
+def test_every_task_metric_gets_an_interval_but_the_counts(tmp_path):
+    sweep, rng = tmp_path / "qa", np.random.default_rng(2)
+    for n in (10, 20):
+        rows = [{"reference": f"answer {i}", "exact_match": bool(rng.random() < 0.2), "token_f1": float(rng.random()),
+                 "empty": False, "too_long": False, "repetitive": False, "wrong": True} for i in range(140)]
+        metrics = {"eval/exact_match": np.mean([r["exact_match"] for r in rows]),
+                   "eval/token_f1": np.mean([r["token_f1"] for r in rows]), "eval/empty": 0, "eval/too_long": 0,
+                   "eval/repetitive": 0, "eval/wrong": 140}
+        make_run(sweep, f"n{n}", n=n, kind="qa", objective="eval/token_f1", metrics=metrics, predictions=rows)
+    text = report.write_report(sweep)[0].read_text()
+    row = table_row(text, "| 10 (1) |")
+    assert all(" ± " in row[column(text, name)] for name in ("Exact match", "Token F1"))
+    assert row[column(text, "Wrong")] == "140" and row[column(text, "Empty")] == "0"  # counts: no interval
+    assert {table_row(text, f"| {n} (1) |")[column(text, "vs best")][:2] for n in (10, 20)} in ({"be", "-0"},
+                                                                                              {"be", "+0"})
