@@ -228,7 +228,7 @@ def held_out(ds: Dataset, n: int, seed: int, *, train_n: int | None, key: str) -
     if used + n > len(ds):
         raise ConfigError(
             f"{key}={n} rows are held out of the training split for evaluation during training, and train.n="
-            f"{train_n} takes {used:,} of its {len(ds):,} rows: together more than it holds. Lower {key} or train.n "
+            f"{'null' if train_n is None else train_n} takes {used:,} of its {len(ds):,} rows: together more than it holds. Lower {key} or train.n "
             f"(at most {len(ds) - n:,} with {key}={n}), or turn evaluation during training off (train.eval_every=null).")
     import numpy as np
     order = np.random.default_rng(seed).permutation(len(ds))[len(ds) - n:]

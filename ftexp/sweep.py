@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -167,6 +168,12 @@ def trial_reporter() -> TrialReporter | None:
     return TrialReporter(url, name, int(number), instantiate(pruner))
 
 
+@dataclass(frozen=True)
+class PrunedTrial:
+    """What a trial's job returns when the study's pruner stopped it (its folder holds pruned.json)."""
+    message: str
+
+
 class TrialFailed(RuntimeError):
     """A trial raised; the message is the error's one-line summary (details in failed.json)."""
 
@@ -175,7 +182,7 @@ class TrialFunction:
     """What the launcher runs for each trial: the task function, guarded.
 
     A parallel worker process (joblib) first takes a GPU of its own. A trial its pruner stopped
-    raises ``optuna.TrialPruned`` to the sweeper (its folder holds pruned.json). A trial that raises,
+    returns ``PrunedTrial`` to the sweeper (its folder holds pruned.json). A trial that raises,
     CUDA out-of-memory and ``sys.exit`` from a config error included, leaves ``failed.json``
     (error, type, traceback) in its run directory and is reported to the sweeper as failed;
     the sweep goes on. Ctrl-C still stops everything.
@@ -191,7 +198,9 @@ class TrialFunction:
             Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None)
         try:
             value = self.fn(cfg)
-        except (KeyboardInterrupt, optuna.TrialPruned):  # a pruned trial is an outcome, not a failure
+        except optuna.TrialPruned as pruned:  # an outcome, not a failure: returned, not raised through Hydra
+            return PrunedTrial(str(pruned))
+        except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - a trial's failure must not end the sweep
             if isinstance(exc, SystemExit) and not exc.code:

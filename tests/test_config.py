@@ -127,6 +127,18 @@ def test_llama2_13b_composes_with_the_sst2_study_settings():
     (["eval.method=likelihood", "task=classification", "task.kind=qa"], "eval.method=likelihood"),
     (["task.labels={0: '',1: positive}"], "empty label word"),
     (["train.bf16=true", "train.fp16=true"], "pick one"),
+    (["train.eval_every=0"], "train.eval_every=0: evaluate every k >= 1 optimizer steps"),
+    (["train.eval_every=sometimes"], "train.eval_every=sometimes"),
+    (["train.eval_every=10", "objective=judge/fluency"], "Use an eval/* objective"),
+    (["train.early_stopping.patience=2"], "train.eval_every=null makes none"),
+    (["train.early_stopping.patience=0", "train.eval_every=5"], "train.early_stopping.patience=0"),
+    (["train.max_steps=null", "train.epochs=3", "epoch_results.epochs=[1]"],
+     "the learning rate at epoch k of a 3-epoch run then depends on the total number of epochs"),
+    (["train.max_steps=null", "train.epochs=3", "train.scheduler=constant", "epoch_results.epochs=[3]"],
+     "whole epochs from 1 to below train.epochs=3"),
+    (["train.epochs=3", "train.scheduler=constant", "epoch_results.epochs=[1]"], "Set train.max_steps=null"),
+    (["train.max_steps=null", "train.epochs=3", "train.scheduler=constant", "epoch_results.epochs=[1]",
+      "train.eval_every=5", "train.early_stopping.patience=1"], "Use one or the other"),
 ])
 def test_each_cross_group_rule_refuses_with_a_message(overrides, needle):
     cfg = compose_cfg(overrides)

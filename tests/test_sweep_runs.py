@@ -233,3 +233,66 @@ def test_a_trial_whose_overrides_do_not_compose_is_a_failed_trial_with_its_own_r
     assert "1 finished, 1 failed" in md
     row = next(line for line in md.splitlines() if "| abc (1 step) |" in line)
     assert row.startswith("| tiny · full fine-tune") and "failed: " in row
+
+
+# A trial that learns to answer with a label word by its first evaluation (3e-3), and one that never
+# answers at all (1e-8): accuracy on the held-out rows 0.56 against 0.
+LEARNS_OR_NOT = ["train.learning_rate=3e-3,1e-8", "train.warmup_steps=0", "train.n=48", "train.batch_size=8",
+                 "train.max_steps=12", "train.eval_every=4", "train.eval_n=16", "data.generator.train_size=96"]
+
+
+def test_a_pruner_stops_a_clearly_worse_trial_and_the_report_lists_it_as_pruned(tmp_path):
+    sweep = tmp_path / "pruned"
+    pruner = ["hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1"]
+    done = run_sweep(sweep, *pruner, *LEARNS_OR_NOT)
+    ts = {t.user_attrs["train.learning_rate"]: t for t in trials(sweep)}
+    assert ts[3e-3].state == TrialState.COMPLETE and ts[3e-3].intermediate_values
+    worse = ts[1e-8]
+    assert worse.state == TrialState.PRUNED and worse.intermediate_values == {4: 0.0}
+    record = json.loads((sweep / "1_learning_rate=1e-08" / "pruned.json").read_text())
+    assert record["step"] == 4 and record["value"] == 0.0 and "MedianPruner" in record["reason"]
+    assert not (sweep / "1_learning_rate=1e-08" / "failed.json").exists()
+    assert "1 pruned" in done.stdout + done.stderr and "Error executing job" not in done.stdout + done.stderr
+    md = (sweep / "results.md").read_text()
+    assert "pruned at step 4 (epoch" in md and "0.000 (intermediate)" in md
+
+    again = run_sweep(sweep, *pruner, *LEARNS_OR_NOT)  # a pruned cell is finished: not run again
+    assert len(trials(sweep)) == 2 and "this invocation ran 0" in again.stdout + again.stderr
+
+
+def test_a_pruner_without_evaluations_during_training_is_refused(tmp_path):
+    done = run_sweep(tmp_path / "s", "hydra/sweeper/pruner=hyperband", "train.learning_rate=1e-3,1e-4", rc=2)
+    assert "train.eval_every=null makes none" in done.stderr
+    assert not (tmp_path / "s" / "optuna.db").exists()
+
+
+EPOCH_AXIS = ["train.epochs=1,2,3", "train.n=16,32", "train.max_steps=null", "train.batch_size=8",
+              "train.scheduler=constant", "hydra.sweeper.epochs_from_one_run=true"]
+
+
+def test_the_epoch_axis_runs_once_per_training_size_and_a_rerun_runs_nothing(tmp_path):
+    sweep = tmp_path / "epochs"
+    done = run_sweep(sweep, *EPOCH_AXIS)
+    out = done.stdout + done.stderr
+    assert "this invocation ran 2," in out  # two runs (n=16, n=32) of 3 epochs for six cells
+    ts = trials(sweep)
+    assert sorted((t.user_attrs["train.n"], t.user_attrs["train.epochs"]) for t in ts
+                  if t.state == TrialState.COMPLETE) == [(n, e) for n in (16, 32) for e in (1, 2, 3)]
+    written = [t for t in ts if "ftexp:from_trial" in t.user_attrs]
+    assert len(written) == 4 and all(t.value == json.loads(
+        (sweep / t.user_attrs["ftexp:run_dir"] / "metrics.json").read_text())["eval/accuracy"] for t in written)
+    runs = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))
+    assert len(runs) == 6, runs
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert sorted((r["# training data"], r["epochs"]) for r in rows) == [
+        (n, e) for n in ("16", "32") for e in ("1.0", "2.0", "3.0")]
+
+    before = metrics_mtimes(sweep)
+    again = run_sweep(sweep, *EPOCH_AXIS)
+    assert "this invocation ran 0" in again.stdout + again.stderr and metrics_mtimes(sweep) == before
+
+
+def test_the_epoch_axis_under_a_decaying_schedule_is_refused_with_the_reason(tmp_path):
+    axes = [a for a in EPOCH_AXIS if a != "train.scheduler=constant"]
+    done = run_sweep(tmp_path / "s", *axes, rc=2)
+    assert "train.scheduler=linear" in done.stderr and "depends on its total number of epochs" in done.stderr

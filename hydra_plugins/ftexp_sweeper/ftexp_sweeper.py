@@ -8,6 +8,12 @@ trials (``enqueue_trial``) that ``ask`` hands to one worker each (on SQLite, und
 ``claim_lock``: SQLite ignores the row lock Optuna relies on); a trial whose heartbeat is
 older than ``stale_after_s`` runs again in its folder (``RetryFailedTrialCallback``);
 ``n_trials`` counts COMPLETE trials; a failed trial leaves ``failed.json`` and the sweep goes on.
+
+``pruner`` (``hydra/sweeper/pruner=median|successive_halving|hyperband``): each trial reports its
+evaluations during training (``train.eval_every``) to its Optuna trial and stops when the pruner
+gives it up; it is recorded PRUNED, with the step it reached, and counts as finished.
+``epochs_from_one_run``: grid cells that differ only in ``train.epochs`` run once, to the largest
+number of epochs, writing each smaller one's results at the end of that epoch (``epoch_results``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import socket
 import sys
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -40,6 +46,7 @@ from sqlalchemy.engine import make_url
 
 from ftexp import records
 from ftexp import sweep as sw
+from ftexp.config import CONSTANT_SCHEDULES
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # fail_stale_trials
@@ -47,12 +54,17 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 CELL, WORKER, ERROR, RUN_DIR = "ftexp:cell", "ftexp:worker", "ftexp:error", "ftexp:run_dir"  # user attrs
 RELEASED = "ftexp:released"  # a trial this worker asked for and then left (no room, or a duplicate)
 STARTED = "ftexp:started"  # the trial's own number, set once its first heartbeat is stored
+PRUNED_AT = "ftexp:pruned"  # why and where the pruner stopped the trial (a pruned trial is finished)
+EPOCH_DIRS = "ftexp:epoch_dirs"  # a one-run epoch axis: cell -> the folder its results are written to
+FROM_RUN = "ftexp:from_trial"  # a cell whose results a longer run of the epoch axis wrote
 LIVE, COUNTED = (TrialState.WAITING, TrialState.RUNNING), (TrialState.COMPLETE, TrialState.RUNNING)
 
 
 @dataclass
 class FtexpSweeperConf(OptunaSweeperConf):
     _target_: str = "hydra_plugins.ftexp_sweeper.ftexp_sweeper.FtexpSweeper"
+    # hydra/sweeper/sampler=grid|tpe|..., hydra/sweeper/pruner=median|successive_halving|hyperband (none by default)
+    defaults: List[Any] = field(default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": None}])
     direction: Any = "auto"  # maximize | minimize | auto (the objective's own direction, ftexp.tasks)
     storage: Any = None  # null: sqlite optuna.db in the sweep dir; postgresql://... for several machines
     study_name: Optional[str] = None  # null: the sweep dir's name
@@ -64,9 +76,50 @@ class FtexpSweeperConf(OptunaSweeperConf):
     stale_after_s: int = 60  # a trial silent this long was interrupted: it runs again
     report: bool = True  # results.md/.csv/.png when the sweep ends
     baselines: Optional[List[str]] = None  # evaluate.py output dirs shown first in the report
+    pruner: Any = None  # an Optuna pruner (hydra/sweeper/pruner=median ...); needs train.eval_every
+    epochs_from_one_run: bool = False  # grid cells differing only in train.epochs: one run (constant schedule)
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="ftexp", node=FtexpSweeperConf, provider="ftexp")
+@dataclass
+class MedianPrunerConf:
+    """Stop a trial whose held-out objective is worse than the median of earlier trials at the same step."""
+    _target_: str = "optuna.pruners.MedianPruner"
+    n_startup_trials: int = 5  # trials that run to the end before any is pruned
+    n_warmup_steps: int = 0  # steps of each trial never pruned
+    interval_steps: int = 1
+    n_min_trials: int = 1  # trials that must have reported at a step before it is judged
+
+
+@dataclass
+class SuccessiveHalvingPrunerConf:
+    """Asynchronous successive halving: keep the top 1/reduction_factor of trials at each rung."""
+    _target_: str = "optuna.pruners.SuccessiveHalvingPruner"
+    min_resource: Any = "auto"
+    reduction_factor: int = 4
+    min_early_stopping_rate: int = 0
+    bootstrap_count: int = 0
+
+
+@dataclass
+class HyperbandPrunerConf:
+    """Hyperband: successive halving over several brackets of min_resource (steps)."""
+    _target_: str = "optuna.pruners.HyperbandPruner"
+    min_resource: int = 1
+    max_resource: Any = "auto"
+    reduction_factor: int = 3
+    bootstrap_count: int = 0
+
+
+_store = ConfigStore.instance()
+_store.store(group="hydra/sweeper", name="ftexp", node=FtexpSweeperConf, provider="ftexp")
+for _name, _node in (("median", MedianPrunerConf), ("successive_halving", SuccessiveHalvingPrunerConf),
+                     ("hyperband", HyperbandPrunerConf)):
+    _store.store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="ftexp")
+
+
+def finished(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial whose cell needs no more work: complete, or stopped by the pruner."""
+    return t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and PRUNED_AT in t.user_attrs)
 
 
 class SweepError(RuntimeError):
@@ -129,8 +182,13 @@ class FtexpSweeper(Sweeper):
         if any(k.startswith("lora.") for k in swept) and not self.config.lora.get("enabled", True):
             raise SweepError(f"The sweep varies {sorted(k for k in swept if k.startswith('lora.'))} but "
                              f"lora={self.config.lora.get('name')} trains no adapters. Add lora=default.")
+        self._check_pruner(swept)
+        self.leaders = self._epoch_axis(cells, swept) if grid and o.epochs_from_one_run else {}
+        if o.epochs_from_one_run and not grid:
+            raise SweepError("hydra.sweeper.epochs_from_one_run=true runs a grid's epoch axis as one run; a sampler "
+                             "picks epochs one trial at a time. Use hydra/sweeper/sampler=grid.")
         study = self._study(grid)
-        self.failures = self.attempted = 0
+        self.failures = self.attempted = self.pruned = 0
         try:
             self._run_grid(study, cells) if grid else self._run_sampler(study, space)
         finally:
@@ -139,12 +197,59 @@ class FtexpSweeper(Sweeper):
             raise SweepError(f"{self.failures} of {self.attempted} trials failed in this sweep (the report and "
                              "failed.json in their folders say why). Rerunning the same command retries them.", 1)
 
+    def _check_pruner(self, swept: set[str]) -> None:
+        """A pruner judges trials by their evaluations during training: refuse a sweep that makes none."""
+        o = self.opts
+        if not o.pruner:
+            return
+        if "train.eval_every" not in swept and self.config.train.get("eval_every") is None:
+            raise SweepError(f"hydra.sweeper.pruner={o.pruner.get('_target_', o.pruner)} judges trials by their "
+                             "evaluations during training, and train.eval_every=null makes none. Set "
+                             "train.eval_every=<steps> (or epoch), and train.eval_n=<held-out rows>.")
+        if o.epochs_from_one_run:
+            raise SweepError("hydra.sweeper.pruner with epochs_from_one_run=true: a pruned run would take the "
+                             "results of its shorter cells with it. Use one or the other.")
+
+    def _epoch_axis(self, cells: list[dict], swept: set[str]) -> dict[str, str]:
+        """epochs_from_one_run: {cell: the cell whose run writes its results}, for the cells that differ from
+        another only in train.epochs; the one with the most epochs runs, and writes the others at their epoch."""
+        if "train.epochs" not in swept:
+            raise SweepError("hydra.sweeper.epochs_from_one_run=true, but the sweep does not vary train.epochs.")
+        if "train.scheduler" not in swept and self.config.train.scheduler not in CONSTANT_SCHEDULES:
+            raise SweepError(
+                f"hydra.sweeper.epochs_from_one_run=true with train.scheduler={self.config.train.scheduler}: the "
+                "learning rate at epoch k of a longer run then depends on its total number of epochs, so its first "
+                "k epochs are not the training a k-epoch run would do. Use train.scheduler=constant (or "
+                "constant_with_warmup), or hydra.sweeper.epochs_from_one_run=false to run every cell.")
+        if "train.max_steps" in swept or self.config.train.get("max_steps"):
+            raise SweepError("hydra.sweeper.epochs_from_one_run=true needs runs measured in epochs: "
+                             "train.max_steps=null.")
+        groups: dict[str, list[dict]] = {}
+        for cell in cells:
+            rest = {k: v for k, v in cell.items() if k.lstrip("+~") != "train.epochs"}
+            groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(cell)
+        leaders = {}
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            epochs = [sw.parse_value(str(c.get("train.epochs"))) for c in members]
+            if any(not isinstance(e, (int, float)) or float(e) != int(e) for e in epochs):
+                raise SweepError(f"hydra.sweeper.epochs_from_one_run=true needs whole epochs; the grid has "
+                                 f"train.epochs={epochs}.")
+            longest = json.dumps(members[epochs.index(max(epochs))], sort_keys=True, default=str)
+            leaders.update({json.dumps(c, sort_keys=True, default=str): longest for c in members
+                            if json.dumps(c, sort_keys=True, default=str) != longest})
+        log.info("epochs_from_one_run: %d cell(s) written by the runs of %d longer cell(s)", len(leaders),
+                 len(set(leaders.values())))
+        return leaders
+
     def _study(self, grid: bool) -> optuna.Study:
         from ftexp import tasks  # task classes load torch: only when a sweep starts
 
         o = self.opts
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        self.url = url = o.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
+        url, name = sw.study_location(self.sweep_dir, o.storage, o.study_name)
+        self.url = url
         self.url_shown = make_url(url).render_as_string(hide_password=True)  # no password in logs
         try:  # a misspelt objective fails here, not after every trial has trained
             declared = tasks.metric(str(self.config.objective), str(self.config.task.kind))
@@ -152,13 +257,12 @@ class FtexpSweeper(Sweeper):
             raise SweepError(str(err)) from None
         for attempt in range(6):  # workers starting together race to create the schema
             try:
-                self.storage = optuna.storages.RDBStorage(
-                    url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-                    heartbeat_interval=int(o.heartbeat_s), grace_period=int(o.stale_after_s),
+                self.storage = sw.open_storage(
+                    url, heartbeat_interval=int(o.heartbeat_s), grace_period=int(o.stale_after_s),
                     heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2))
-                study = optuna.create_study(study_name=o.study_name or self.sweep_dir.name, storage=self.storage,
+                study = optuna.create_study(study_name=name, storage=self.storage,
                                             direction=declared.direction if o.direction == "auto" else o.direction,
-                                            load_if_exists=True)
+                                            pruner=instantiate(o.pruner) if o.pruner else None, load_if_exists=True)
                 break
             except ModuleNotFoundError as err:  # the database driver is an extra
                 raise SweepError(f"hydra.sweeper.storage={self.url_shown} needs the database driver {err.name}: "
@@ -228,9 +332,11 @@ class FtexpSweeper(Sweeper):
         """(cells finished, cells held by other workers, this worker's next trials) from the grid."""
         self._recover(study)  # a dead sweeper's trials run again
         trials = study.get_trials(deepcopy=False)
-        done = {t.user_attrs.get(CELL) for t in trials if t.state == TrialState.COMPLETE} & by_key.keys()
+        done = {t.user_attrs.get(CELL) for t in trials if finished(t)} & by_key.keys()
         held = {t.user_attrs.get(CELL) for t in trials if t.state in LIVE} & by_key.keys()
-        for key in [k for k in by_key if k not in done | held | tried][:max(budget - len(done | held), 0)]:
+        written_by_longer = {k for k, leader in self.leaders.items() if leader not in done}  # its run writes them
+        for key in [k for k in by_key if k not in done | held | tried | written_by_longer][
+                :max(budget - len(done | held), 0)]:
             study.enqueue_trial({}, user_attrs={CELL: key, **by_key[key]})
         jobs = []
         while len(jobs) < self._batch() and len(done) + len(jobs) < budget and any(
@@ -239,7 +345,7 @@ class FtexpSweeper(Sweeper):
             trial = self._ask(study)
             key = trial.user_attrs.get(CELL)
             twins = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(CELL) == key and (
-                t.state == TrialState.COMPLETE or (t.state in LIVE and t.number < trial.number))]
+                finished(t) or (t.state in LIVE and t.number < trial.number))]
             if key not in by_key or key in tried or twins:
                 trial.set_user_attr(RELEASED, "its cell is run by another trial")
                 study.tell(trial, state=TrialState.PRUNED)
@@ -254,10 +360,10 @@ class FtexpSweeper(Sweeper):
             jobs = []
             with sw.claim_lock(self.url):
                 self._recover(study)
-                room = budget - sum(t.state in COUNTED for t in study.get_trials(deepcopy=False))
+                room = budget - sum(t.state in COUNTED or finished(t) for t in study.get_trials(deepcopy=False))
                 for _ in range(min(self._batch(), room)):
                     trial = self._ask(study)
-                    if sum(t.number < trial.number and t.state in COUNTED
+                    if sum(t.number < trial.number and (t.state in COUNTED or finished(t))
                            for t in study.get_trials(deepcopy=False)) >= budget:
                         trial.set_user_attr(RELEASED, f"the budget n_trials={budget} was used up by other workers")
                         study.tell(trial, state=TrialState.PRUNED)
@@ -280,6 +386,9 @@ class FtexpSweeper(Sweeper):
             for key, value in {**values, RUN_DIR: folder}.items():
                 trial.set_user_attr(key, value)
             overrides = [f"{k}={sw.format_value(v)}" for k, v in values.items()] + self.fixed
+            overrides += self._epoch_results(study, trial, values)
+            if self.opts.pruner:  # the trial's process reports to this trial (ftexp.sweep.trial_reporter)
+                overrides.append(f"+hydra.job.env_set.{sw.TRIAL_ENV}='{trial.number}'")
             log.info("Trial %d -> %s: %s", trial.number, folder, " ".join(overrides[:len(values)]))
             batch.append((trial, values, overrides + [f"run_name={sw.format_value(sw.run_name(values) or folder)}",
                                                       f"hydra.sweep.subdir={sw.format_value(folder)}"]))
@@ -297,14 +406,74 @@ class FtexpSweeper(Sweeper):
             try:
                 if isinstance(ret, Exception):
                     raise ret
-                study.tell(trial, float(ret.return_value))  # a failed job's return_value raises its error
+                value = ret.return_value  # a failed job's return_value raises its error
+                if isinstance(value, sw.PrunedTrial):
+                    self._pruned(study, trial, value.message)
+                else:
+                    study.tell(trial, float(value))
             except optuna.exceptions.UpdateFinishedTrialError:
                 self._taken_over(trial)
             except Exception as err:  # noqa: BLE001 - recorded as the trial's failure
                 self._fail(study, trial, err, values)
+            self._adopt_epoch_results(study, trial)
         if self.failures / max(self.attempted, 1) > self.opts.max_failure_rate:
             raise SweepError(f"{self.failures} of {self.attempted} trials failed, more than max_failure_rate="
                              f"{self.opts.max_failure_rate}. See failed.json in their run folders.", 1)
+
+    def _epoch_results(self, study: optuna.Study, trial: optuna.Trial, values: dict) -> list[str]:
+        """The overrides that make a longer cell's run write the results of its shorter cells not yet finished
+        (epoch_results), each in a folder of its own, kept on the trial so a retry writes to the same ones."""
+        key = json.dumps(values, sort_keys=True, default=str)
+        done = {t.user_attrs.get(CELL) for t in study.get_trials(deepcopy=False) if finished(t)}
+        shorter = [k for k, leader in self.leaders.items() if leader == key and k not in done]
+        if not shorter:
+            return []
+        folders = dict(trial.user_attrs.get(EPOCH_DIRS) or {})
+        for cell in shorter:
+            if cell not in folders:
+                base = folder = sw.folder_name(trial.number, json.loads(cell))
+                while (self.sweep_dir / folder).exists() or folder in folders.values():
+                    folder = f"{base}-{len(folder) - len(base) + 1}"
+                folders[cell] = folder
+        trial.set_user_attr(EPOCH_DIRS, folders)
+        epochs = [int(float(json.loads(c)["train.epochs"])) for c in shorter]
+        dirs = ",".join(sw.format_value(str(self.sweep_dir / folders[c])) for c in shorter)
+        return [f"epoch_results.epochs=[{','.join(map(str, epochs))}]", f"epoch_results.dirs=[{dirs}]"]
+
+    def _adopt_epoch_results(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        """Record, as finished trials of their own cells, the shorter cells' results a run wrote (also when it
+        failed later); a cell whose results are missing after its longer run finished fails, and a rerun of
+        the sweep runs it on its own."""
+        folders = trial.user_attrs.get(EPOCH_DIRS) or {}
+        objective = str(self.config.objective)
+        state = next(t.state for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        done = {t.user_attrs.get(CELL) for t in study.get_trials(deepcopy=False) if finished(t)}
+        for cell, folder in folders.items():
+            if cell in done:
+                continue
+            metrics = records.read_metrics(self.sweep_dir / folder) or {}
+            attrs = {CELL: cell, RUN_DIR: folder, FROM_RUN: trial.number, **json.loads(cell)}
+            if metrics.get(objective) is not None:
+                study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=float(metrics[objective]),
+                                                          user_attrs=attrs))
+                log.info("Trial %d wrote the results of %s: %s %.4g", trial.number, folder, objective,
+                         metrics[objective])
+            elif state == TrialState.COMPLETE:
+                error = (f"trial {trial.number} finished without writing these epoch results (its folder "
+                         f"{folder} has no {objective}); a rerun of the sweep runs this cell on its own")
+                records.write_failure(self.sweep_dir / folder, sw.TrialFailed(error), values=json.loads(cell))
+                study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={**attrs, ERROR: error}))
+                self.failures += 1
+                log.warning("%s", error)
+
+    def _pruned(self, study: optuna.Study, trial: optuna.Trial, message: str) -> None:
+        self.pruned += 1
+        try:
+            trial.set_user_attr(PRUNED_AT, message)
+            study.tell(trial, state=TrialState.PRUNED)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return self._taken_over(trial)
+        log.info("Trial %d: %s", trial.number, message)
 
     def _heartbeat(self, trial_ids: list[int], stop: threading.Event) -> None:
         while not stop.wait(float(self.opts.heartbeat_s)):
@@ -336,15 +505,17 @@ class FtexpSweeper(Sweeper):
 
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         failed = sum(ERROR in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        pruned = sum(PRUNED_AT in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
         summary = {"name": "ftexp", "study_name": study.study_name, "storage": self.url_shown,
-                   "n_complete": len(complete), "n_failed": failed}
+                   "n_complete": len(complete), "n_failed": failed, "n_pruned": pruned}
         if complete:
             best = study.best_trial
             summary.update(best_params={k: v for k, v in best.user_attrs.items() if not k.startswith("ftexp:")},
                            best_value=best.value, best_run_dir=best.user_attrs.get(RUN_DIR))
         OmegaConf.save(OmegaConf.create(summary), self.sweep_dir / "optimization_results.yaml")
-        log.info("Sweep %s: %d finished, %d failed trial(s) in the study; this invocation ran %d, %d failed.",
-                 self.sweep_dir, len(complete), failed, self.attempted, self.failures)
+        log.info("Sweep %s: %d finished, %d pruned, %d failed trial(s) in the study; this invocation ran %d, "
+                 "%d pruned, %d failed.", self.sweep_dir, len(complete), pruned, failed, self.attempted, self.pruned,
+                 self.failures)
         if self.opts.report:
             try:  # the runs are safe on disk whatever happens here; the report can be rerun by hand
                 paths = report.write_report(self.sweep_dir, [Path(str(b)) for b in self.opts.baselines or []])
