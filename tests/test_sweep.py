@@ -66,6 +66,14 @@ def test_the_search_space_is_read_from_the_overrides():
     assert space["train.learning_rate"] == FloatDistribution(1e-5, 1e-3)
 
 
+def test_a_key_given_twice_takes_its_last_value_swept_or_fixed():
+    from hydra_plugins.ftexp_sweeper.ftexp_sweeper import search_space
+
+    space, fixed = search_space(["train.n=16,32", "train.max_steps=1", "train.n=64", "train.max_steps=null",
+                                 "train.epochs=1", "train.epochs=1,2"])
+    assert space == {"train.epochs": [1, 2]} and fixed == ["train.n=64", "train.max_steps=null"]
+
+
 def test_run_and_folder_names_come_from_the_swept_values():
     values = {"train.n": 100, "train.epochs": 10.0, "train.learning_rate": 0.000123456}
     assert sw.run_name(values) == "n=100 epochs=10 learning_rate=0.000123"

@@ -131,18 +131,27 @@ class SweepError(RuntimeError):
 
 
 def search_space(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """(swept key -> its choices, or an Optuna distribution for ``interval``; fixed overrides)."""
-    space, fixed = {}, []
+    """(swept key -> its choices, or an Optuna distribution for ``interval``; fixed overrides).
+
+    A key given more than once takes its last value, swept or fixed, as Hydra does for a single run:
+    ``train.n=16,32 train.n=64`` runs n=64 only. Otherwise the fixed value, applied after the swept
+    one, would run every trial with it under a folder named for another value.
+    """
+    space, fixed = {}, {}
     for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.get_key_element()
+        name = key.lstrip("+~")
+        space.pop(next((k for k in space if k.lstrip("+~") == name), None), None)
+        fixed.pop(name, None)
         if not o.is_sweep_override():
-            fixed.append(o.input_line)
+            fixed[name] = o.input_line
         elif o.is_interval_sweep():
             iv = o.value()
             kind = IntDistribution if isinstance(iv.start, int) and isinstance(iv.end, int) else FloatDistribution
-            space[o.get_key_element()] = kind(iv.start, iv.end, log="log" in iv.tags)
+            space[key] = kind(iv.start, iv.end, log="log" in iv.tags)
         else:
-            space[o.get_key_element()] = list(o.sweep_iterator())
-    return space, fixed
+            space[key] = list(o.sweep_iterator())
+    return space, list(fixed.values())
 
 
 class FtexpSweeper(Sweeper):
