@@ -219,6 +219,9 @@ def _finetune(run: Run) -> dict:
         weights = memory.check(cfg.model, cfg.quant, base, run.device)  # refuses a GPU too small
         model = modeling.load_model(base, cfg.model, cfg.quant, run.device)
         weights["model/weight_memory_mb"] = memory.measured_mb(model)
+        # Seeded again: loading may draw random numbers (a GGUF file is dequantized into a randomly initialised
+        # model, but not when it is read from the cache), and the adapters' initial weights must not depend on it.
+        set_seed(cfg.train.seed)
         model = modeling.attach_adapters(model, cfg.lora, cfg.quant, cfg.train.gradient_checkpointing)
         trainable, total = modeling.count_parameters(model)
         log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",

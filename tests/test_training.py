@@ -142,3 +142,23 @@ def test_sweep_runs_share_tokenized_rows_and_never_tokenize_a_row_twice(tmp_path
     uncached, _ = cache.tokenized_prefix(rows(120), tok, cfg, None)
     assert uncached["input_ids"] == large["input_ids"]
     assert uncached["completion_mask"] == large["completion_mask"]
+
+
+def test_the_adapters_start_the_same_whatever_loading_drew_from_the_rng(tmp_path, monkeypatch):
+    """A GGUF checkpoint is dequantized into a randomly initialised model on a cold cache only: the same
+    seed must still give the same LoRA weights, so the same training."""
+    import torch
+
+    base = ["lora=default", "train.max_steps=2", "eval.enabled=false", "train.save_model=false"]
+    recipes.finetune(compose_cfg(base, tmp_path / "warm"))
+    load = modeling.load_model
+
+    def drawing_load(*args, **kwargs):
+        torch.rand(1000)  # what a model built from its config and then overwritten draws
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "load_model", drawing_load)
+    recipes.finetune(compose_cfg(base, tmp_path / "cold"))
+    logs = [[{k: v for k, v in json.loads(line).items() if k in ("step", "loss", "grad_norm")}
+             for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()] for run in ("warm", "cold")]
+    assert logs[0] == logs[1] and logs[0][0]["grad_norm"] > 0
