@@ -105,13 +105,17 @@ def watch_training(run: Run, model, tokenizer, task, pool, eval_rows, setup_metr
     if cfg.train.eval_every is not None:
         dev = data_mod.held_out(pool, cfg.train.eval_n, cfg.data.seed, train_n=cfg.train.n, key="train.eval_n")
         out["dev_records"] = dev
-        out["dev_eval"] = lambda m: evaluation.evaluate(cfg, m, tokenizer, task, dev)[0]
-        reporter = sweep.trial_reporter() if distributed.world_size() == 1 else None
+        out["dev_eval"] = lambda m: evaluation.evaluate(cfg, m, tokenizer, task, dev, pool)[0]
+        reporter = sweep.trial_reporter()
+        if reporter is not None and distributed.world_size() > 1:
+            log.warning("The sweep's pruner is not consulted under %d processes (every rank would have to stop "
+                        "together): this trial runs to its end.", distributed.world_size())
+            reporter = None
         if reporter is not None:
             def pruned(step, epoch, value):
                 records.write_pruned(run.dir, step, epoch, cfg.objective, value,
-                                     f"{type(reporter.study.pruner).__name__}: held-out {cfg.objective} {value:.4g} "
-                                     f"at step {step}")
+                                     f"{reporter.pruner_name}: held-out {cfg.objective} {value:.4g} at step {step}")
+                training.remove_checkpoints(run.dir, keep=cfg.train.keep_checkpoints)  # a pruned cell never resumes
             out["callbacks"] = [training.IntermediateReport(cfg.objective, reporter, pruned)]
     if cfg.epoch_results.epochs:
         writer = EpochResultWriter(run, model, tokenizer, task, pool, eval_rows, setup_metrics)
@@ -147,7 +151,7 @@ class EpochResultWriter:
             cfg.train.epochs = float(epoch)
             cfg.epoch_results.epochs, cfg.epoch_results.dirs = None, None
             cfg.output_dir = str(self.dirs[epoch])
-            cfg.run_name = f"{cfg.run_name or self.run.dir.name} (epoch {epoch})"
+            cfg.run_name = f"{self.dirs[epoch].name}"
         return cfg
 
     def __call__(self, epoch: int, state, train_metrics: dict) -> None:

@@ -132,25 +132,26 @@ TRIAL_ENV = "FTEXP_TRIAL"
 
 
 class TrialReporter:
-    """A sweep trial's side of pruning: each evaluation during training is reported to its Optuna trial
-    (``trial.report``), and the study's pruner says whether to stop (``trial.should_prune``). The trial
-    lives in the sweeper's process; this opens the same study from the trial's own process."""
+    """A sweep trial's side of pruning: each evaluation during training is stored as an intermediate
+    value of its Optuna trial, and the study's pruner, given the trial as stored, says whether to stop.
+    The trial lives in the sweeper's process; this reaches it through the study's storage."""
 
     def __init__(self, url: str, study_name: str, number: int, pruner):
-        storage = open_storage(url)
-        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
-        self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
-        self.trial = optuna.trial.Trial(self.study, trial_id)
-        self.number = number
+        self.storage = open_storage(url)
+        self.trial_id = self.storage.get_trial_id_from_study_id_trial_number(
+            self.storage.get_study_id_from_name(study_name), number)
+        self.study = optuna.load_study(study_name=study_name, storage=self.storage, pruner=pruner,
+                                       sampler=optuna.samplers.RandomSampler())  # never samples here
+        self.number, self.pruner_name = number, type(pruner).__name__
 
     def report(self, value: float, step: int) -> bool:
-        """Report ``value`` at ``step``; True when the pruner gives the trial up."""
-        self.trial.report(value, step)
-        return self.trial.should_prune()
+        """Store ``value`` at ``step``; True when the pruner gives the trial up."""
+        self.storage.set_trial_intermediate_value(self.trial_id, step, value)
+        return bool(self.study.pruner.prune(self.study, self.storage.get_trial(self.trial_id)))
 
     def pruned(self, step: int, value: float) -> optuna.TrialPruned:
         return optuna.TrialPruned(f"trial {self.number} pruned at step {step} (held-out objective {value:.4g}) by "
-                                  f"{type(self.study.pruner).__name__}")
+                                  f"{self.pruner_name}")
 
 
 def trial_reporter() -> TrialReporter | None:

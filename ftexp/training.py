@@ -94,6 +94,13 @@ class LossLog(TrainerCallback):
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def keep(self, rows: list[dict]) -> None:
+        """Rewrite the log with ``rows`` only."""
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
     def metrics(self) -> dict:
         """The first and last logged loss and the mean loss per step: each logged loss is the mean of
         the steps since the one before, so it counts for that many steps."""
@@ -140,13 +147,19 @@ def rng_untouched():
             np.random.set_state(npy)
 
 
+def dev_key(objective: str) -> str:
+    """The log key of ``objective`` (eval/accuracy) scored on the held-out rows: eval_dev_accuracy."""
+    return "eval_dev_" + str(objective).split("/", 1)[1]
+
+
 class DevEvaluation:
     """Trainer mixin: ``evaluate()`` scores held-out rows with the task's own metric.
 
     The Trainer calls ``evaluate`` on its own schedule (``eval_strategy`` / ``eval_steps``, from
     ``train.eval_every``); here it runs ``dev_eval(model)`` (ftexp's generation or label likelihood,
     returning ``eval/*`` metrics) instead of the Trainer's loss loop, logs the numbers as
-    ``eval_<name>`` (train_log.jsonl, W&B) and hands them to the callbacks' ``on_evaluate``, which
+    ``eval_dev_<name>`` (train_log.jsonl; ``eval/dev_<name>`` in W&B, apart from the final
+    evaluation's ``eval/<name>``) and hands them to the callbacks' ``on_evaluate``, which
     is where transformers' EarlyStoppingCallback and the sweep's pruning report read them. Its
     seconds are kept apart (``eval_seconds``) so training throughput leaves them out.
     """
@@ -164,7 +177,7 @@ class DevEvaluation:
         self.model.train(was_training)
         took = time.perf_counter() - start
         self.eval_seconds += took
-        metrics = {f"{metric_key_prefix}_{k.split('/', 1)[1]}": float(v) for k, v in found.items()
+        metrics = {f"{metric_key_prefix}_dev_{k.split('/', 1)[1]}": float(v) for k, v in found.items()
                    if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics[f"{metric_key_prefix}_runtime"] = took
         self.log(metrics)
@@ -188,7 +201,7 @@ class IntermediateReport(TrainerCallback):
     a trial its pruner gives up on: ``on_pruned(step, epoch, value)`` records it, then it raises."""
 
     def __init__(self, objective: str, reporter, on_pruned):
-        self.key = "eval_" + objective.split("/", 1)[1]
+        self.key = dev_key(objective)
         self.reporter, self.on_pruned = reporter, on_pruned
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -216,24 +229,34 @@ class EpochResults(TrainerCallback):
         self.pending, self.write, self.seconds = sorted(epochs), write, 0.0
         self.due: int | None = None
         self.after = "log"  # the event after which the due epoch is written: "log" or "evaluate"
+        self.save_after = False  # a checkpoint of the due step, held back until the results are written
 
     def on_step_end(self, args, state, control, **kwargs):
+        passed = [k for k in self.pending if (state.epoch or 0.0) - k > 1e-9]
+        if passed:  # resumed from a checkpoint beyond them: they can no longer be written
+            log.warning("epoch_results: the results of epoch(s) %s cannot be written, the run resumed past them; "
+                        "a run of that many epochs gives them.", passed)
+            self.pending = [k for k in self.pending if k not in passed]
         epoch = round(state.epoch or 0.0)
         if epoch in self.pending and abs((state.epoch or 0.0) - epoch) < 1e-9:
             self.due = epoch
             if args.eval_strategy == "steps":  # a run that ends here evaluates at its last step: so does this one
                 control.should_evaluate = True
             self.after = "log" if args.eval_strategy == "no" else "evaluate"
+            if self.after == "evaluate" and control.should_save:
+                # with eval_every=epoch the evaluation comes after this step's checkpoint: a kill in between
+                # would resume past the epoch without its results, so the checkpoint waits for them
+                control.should_save, self.save_after = False, True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.after == "log" and logs and "loss" in logs:
-            self._write(state)
+            self._write(state, control)
 
     def on_evaluate(self, args, state, control, **kwargs):
         if self.after == "evaluate":
-            self._write(state)
+            self._write(state, control)
 
-    def _write(self, state) -> None:
+    def _write(self, state, control) -> None:
         if self.due is None:
             return
         epoch, self.due = self.due, None
@@ -242,6 +265,8 @@ class EpochResults(TrainerCallback):
         with rng_untouched():
             self.write(epoch, state)
         self.seconds += time.perf_counter() - start
+        if self.save_after:
+            control.should_save, self.save_after = True, False
 
 
 def evaluation_args(cfg) -> dict:
@@ -254,7 +279,8 @@ def evaluation_args(cfg) -> dict:
     steps = {} if t.eval_every == "epoch" else {"eval_steps": int(t.eval_every)}
     args = {"eval_strategy": "epoch" if t.eval_every == "epoch" else "steps", **steps}
     if t.early_stopping.patience is not None:
-        args.update(metric_for_best_model=str(cfg.objective).split("/", 1)[1],
+        args.update(metric_for_best_model=dev_key(cfg.objective)[len("eval_"):],
+                    restore_callback_states_from_checkpoint=True,  # a resumed run keeps its patience count
                     greater_is_better=metric_direction(str(cfg.objective), str(cfg.task.kind)) == "maximize",
                     load_best_model_at_end=True, save_strategy=args["eval_strategy"], save_steps=steps.get(
                         "eval_steps", 500), save_total_limit=max(int(t.save_total_limit), 2))
@@ -564,17 +590,31 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
     finally:
         counter.remove()
     distributed.barrier()  # every rank is done with the checkpoints before rank 0 removes them
-    if distributed.is_main() and scratch.is_dir() and (not cfg.train.keep_checkpoints or not any(scratch.iterdir())):
-        gone = scratch.with_name(scratch.name + ".removing")  # a kill mid-removal leaves no half checkpoint
-        shutil.rmtree(gone, ignore_errors=True)
-        scratch.rename(gone)
-        shutil.rmtree(gone)
+    if distributed.is_main():
+        remove_checkpoints(run_dir, keep=cfg.train.keep_checkpoints)
+    if epochs_cb is not None and isinstance(cfg.train.eval_every, int):
+        # the evaluations made only for the earlier epochs' results are theirs, not this run's
+        loss_log.keep(rows_until(loss_log.rows(), trainer.state.global_step, cfg.train.eval_every))
+        history = rows_until(trainer.state.log_history, trainer.state.global_step, cfg.train.eval_every)
+    else:
+        history = None
     if not loss_log.losses:
         metrics.update({"train/loss_first": float(result.training_loss), "train/loss_last": float(
             result.training_loss), "train/loss_mean": float(result.training_loss)})
     if dev_eval is not None:
-        metrics.update(dev_summary(cfg, trainer.state))
+        metrics.update(dev_summary(cfg, trainer.state, history))
     return {"metrics": metrics, "trainer": trainer}
+
+
+def remove_checkpoints(run_dir: Path, keep: bool = False) -> None:
+    """Delete the run's checkpoints (kept with ``keep``, unless there are none); a kill mid-removal leaves no
+    half checkpoint behind, the folder being renamed first."""
+    scratch = Path(run_dir) / CHECKPOINTS
+    if scratch.is_dir() and (not keep or not any(scratch.iterdir())):
+        gone = scratch.with_name(scratch.name + ".removing")
+        shutil.rmtree(gone, ignore_errors=True)
+        scratch.rename(gone)
+        shutil.rmtree(gone)
 
 
 def rows_until(rows: list[dict], step: int, eval_every) -> list[dict]:
@@ -592,14 +632,15 @@ def rows_until(rows: list[dict], step: int, eval_every) -> list[dict]:
 def dev_summary(cfg, state, history: list[dict] | None = None) -> dict:
     """What the evaluations during training found (in ``history``, else the state's log history): how many,
     the best objective and its step, and, with early stopping, whether it stopped the run early."""
-    key = "eval_" + str(cfg.objective).split("/", 1)[1]
+    key = dev_key(cfg.objective)
     seen = [(row["step"], row[key]) for row in (state.log_history if history is None else history) if key in row]
     out = {"train/dev_evaluations": len(seen), "train/dev_n": int(cfg.train.eval_n)}
     if seen:
         pick = max if metric_direction(str(cfg.objective), str(cfg.task.kind)) == "maximize" else min
         step, value = pick(seen, key=lambda sv: sv[1])
-        out.update({f"train/dev_best_{key[5:]}": float(value), "train/dev_best_step": int(step),
-                    f"train/dev_last_{key[5:]}": float(seen[-1][1])})
+        name = key[len("eval_dev_"):]
+        out.update({f"train/dev_best_{name}": float(value), "train/dev_best_step": int(step),
+                    f"train/dev_last_{name}": float(seen[-1][1])})
     if cfg.train.early_stopping.patience is not None:
         out["train/early_stopped"] = int(state.global_step < state.max_steps)
         out["train/stopped_at_step"] = int(state.global_step)

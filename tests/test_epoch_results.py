@@ -4,12 +4,16 @@ training a k-epoch run does, so its results (written at that epoch) equal the k-
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from omegaconf import open_dict
+from transformers import TrainerControl, TrainerState
 
 from conftest import compose_cfg
 from ftexp import recipes
+from ftexp.config import ConfigError
+from ftexp.training import EpochResults
 
 # 24 rows in batches of 8: three steps an epoch, logged every 5 steps and evaluated on held-out rows
 # every 4, so epoch ends, log steps and evaluations fall apart - the cases where a longer run could
@@ -34,11 +38,13 @@ def _log(folder):
     return [{k: v for k, v in row.items() if not any(t in k for t in TIMINGS)} for row in rows]
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["length-grouped sampler", "random sampler"])
-def test_epoch_k_of_a_longer_constant_run_equals_a_k_epoch_run(tmp_path, grouped):
-    sampler = f"train.group_by_length={str(grouped).lower()}"
-    long_metrics = _run([sampler, "train.epochs=5", "epoch_results.epochs=[2,3]"], tmp_path / "long")
-    short = _run([sampler, "train.epochs=3"], tmp_path / "short")
+@pytest.mark.parametrize("variant", [
+    ["train.group_by_length=true"], ["train.group_by_length=false"], ["train.eval_every=epoch"],
+    ["train.grad_accum=2", "train.batch_size=4"]], ids=["length-grouped sampler", "random sampler",
+                                                         "evaluated at each epoch's end", "accumulated gradients"])
+def test_epoch_k_of_a_longer_constant_run_equals_a_k_epoch_run(tmp_path, variant):
+    long_metrics = _run([*variant, "train.epochs=5", "epoch_results.epochs=[2,3]"], tmp_path / "long")
+    short = _run([*variant, "train.epochs=3"], tmp_path / "short")
 
     at3 = tmp_path / "long" / "epochs=3"
     written = json.loads((at3 / "metrics.json").read_text())
@@ -53,6 +59,14 @@ def test_epoch_k_of_a_longer_constant_run_equals_a_k_epoch_run(tmp_path, grouped
     assert long_metrics["train/steps"] == 15 and (tmp_path / "long" / "epochs=2" / "metrics.json").exists()
 
 
+def test_the_longer_run_records_what_a_run_without_epoch_results_records(tmp_path):
+    # the evaluations it adds at the earlier epochs' ends belong to those results, not to its own
+    with_results = _run(["train.epochs=3", "epoch_results.epochs=[1,2]"], tmp_path / "with")
+    alone = _run(["train.epochs=3"], tmp_path / "alone")
+    assert _same(with_results) == _same(alone)
+    assert _log(tmp_path / "with") == _log(tmp_path / "alone")
+
+
 def test_a_rerun_keeps_the_epoch_results_already_written(tmp_path):
     _run(["train.epochs=3", "epoch_results.epochs=[1]", "train.eval_every=null"], tmp_path / "run")
     at1 = tmp_path / "run" / "epochs=1" / "metrics.json"
@@ -64,8 +78,6 @@ def test_a_rerun_keeps_the_epoch_results_already_written(tmp_path):
 
 
 def test_a_folder_holding_another_experiment_is_refused_before_training(tmp_path):
-    from ftexp.config import ConfigError
-
     _run(["train.epochs=1", "train.eval_every=null", "train.learning_rate=1e-3"], tmp_path / "other")
     cfg = compose_cfg([*CONSTANT, "train.epochs=3", "train.eval_every=null", "epoch_results.epochs=[1]"],
                       tmp_path / "run")
@@ -74,3 +86,26 @@ def test_a_folder_holding_another_experiment_is_refused_before_training(tmp_path
     with pytest.raises(ConfigError, match="learning_rate"):
         recipes.finetune(cfg)
     assert not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+def test_a_checkpoint_at_an_epoch_end_waits_for_its_results():
+    """With evaluation at each epoch's end, that evaluation comes after the step's checkpoint: saved first,
+    a kill during the results would resume past the epoch without them."""
+    written = []
+    callback = EpochResults([2], lambda epoch, state: written.append(epoch))
+    args, state, control = SimpleNamespace(eval_strategy="epoch"), TrainerState(), TrainerControl()
+    state.epoch, control.should_save = 2.0, True
+    callback.on_step_end(args, state, control)
+    assert not control.should_save and not written
+    callback.on_log(args, state, control, logs={"loss": 1.0})  # evaluated results: not written at the log
+    assert not written
+    callback.on_evaluate(args, state, control)
+    assert written == [2] and control.should_save
+
+
+def test_epochs_a_resumed_run_is_already_past_are_given_up_with_a_warning(caplog):
+    callback = EpochResults([1, 3], lambda epoch, state: None)
+    state = TrainerState()
+    state.epoch = 1.5
+    callback.on_step_end(SimpleNamespace(eval_strategy="no"), state, TrainerControl())
+    assert callback.pending == [3] and "epoch(s) [1] cannot be written" in caplog.text

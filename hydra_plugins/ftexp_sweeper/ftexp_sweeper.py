@@ -230,6 +230,10 @@ class FtexpSweeper(Sweeper):
                 "learning rate at epoch k of a longer run then depends on its total number of epochs, so its first "
                 "k epochs are not the training a k-epoch run would do. Use train.scheduler=constant (or "
                 "constant_with_warmup), or hydra.sweeper.epochs_from_one_run=false to run every cell.")
+        if self.config.train.get("early_stopping", {}).get("patience") is not None:
+            raise SweepError("hydra.sweeper.epochs_from_one_run=true with train.early_stopping.patience: an early "
+                             "stop would end the longer run before the epochs of its shorter cells. Use one or the "
+                             "other.")
         if "train.max_steps" in swept or self.config.train.get("max_steps"):
             raise SweepError("hydra.sweeper.epochs_from_one_run=true needs runs measured in epochs: "
                              "train.max_steps=null.")
@@ -343,7 +347,9 @@ class FtexpSweeper(Sweeper):
         trials = study.get_trials(deepcopy=False)
         done = {t.user_attrs.get(CELL) for t in trials if finished(t)} & by_key.keys()
         held = {t.user_attrs.get(CELL) for t in trials if t.state in LIVE} & by_key.keys()
-        written_by_longer = {k for k, leader in self.leaders.items() if leader not in done}  # its run writes them
+        failed = {t.user_attrs.get(CELL) for t in trials if t.state == TrialState.FAIL and ERROR in t.user_attrs}
+        # a longer run writes its shorter cells; once it has failed for real they run on their own
+        written_by_longer = {k for k, leader in self.leaders.items() if leader not in done | failed}
         for key in [k for k in by_key if k not in done | held | tried | written_by_longer][
                 :max(budget - len(done | held), 0)]:
             study.enqueue_trial({}, user_attrs={CELL: key, **by_key[key]})
@@ -416,6 +422,9 @@ class FtexpSweeper(Sweeper):
                 if isinstance(ret, Exception):
                     raise ret
                 value = ret.return_value  # a failed job's return_value raises its error
+                # the shorter cells a longer run wrote are recorded before the run itself, so that no worker
+                # sees the run finished and its cells not, and runs them again
+                self._adopt_epoch_results(study, trial, ended=not isinstance(value, sw.PrunedTrial))
                 if isinstance(value, sw.PrunedTrial):
                     self._pruned(study, trial, value.message)
                 else:
@@ -423,8 +432,8 @@ class FtexpSweeper(Sweeper):
             except optuna.exceptions.UpdateFinishedTrialError:
                 self._taken_over(trial)
             except Exception as err:  # noqa: BLE001 - recorded as the trial's failure
+                self._adopt_epoch_results(study, trial, ended=False)  # what it wrote before it failed
                 self._fail(study, trial, err, values)
-            self._adopt_epoch_results(study, trial)
         if self.failures / max(self.attempted, 1) > self.opts.max_failure_rate:
             raise SweepError(f"{self.failures} of {self.attempted} trials failed, more than max_failure_rate="
                              f"{self.opts.max_failure_rate}. See failed.json in their run folders.", 1)
@@ -433,8 +442,9 @@ class FtexpSweeper(Sweeper):
         """The overrides that make a longer cell's run write the results of its shorter cells not yet finished
         (epoch_results), each in a folder of its own, kept on the trial so a retry writes to the same ones."""
         key = json.dumps(values, sort_keys=True, default=str)
-        done = {t.user_attrs.get(CELL) for t in study.get_trials(deepcopy=False) if finished(t)}
-        shorter = [k for k, leader in self.leaders.items() if leader == key and k not in done]
+        trials = study.get_trials(deepcopy=False)
+        taken = {t.user_attrs.get(CELL) for t in trials if finished(t) or t.state in LIVE}  # done or running alone
+        shorter = [k for k, leader in self.leaders.items() if leader == key and k not in taken]
         if not shorter:
             return []
         folders = dict(trial.user_attrs.get(EPOCH_DIRS) or {})
@@ -445,17 +455,16 @@ class FtexpSweeper(Sweeper):
                     folder = f"{base}-{len(folder) - len(base) + 1}"
                 folders[cell] = folder
         trial.set_user_attr(EPOCH_DIRS, folders)
-        epochs = [int(float(json.loads(c)["train.epochs"])) for c in shorter]
+        epochs = [int(float(v)) for c in shorter for k, v in json.loads(c).items() if k.lstrip("+~") == "train.epochs"]
         dirs = ",".join(sw.format_value(str(self.sweep_dir / folders[c])) for c in shorter)
         return [f"epoch_results.epochs=[{','.join(map(str, epochs))}]", f"epoch_results.dirs=[{dirs}]"]
 
-    def _adopt_epoch_results(self, study: optuna.Study, trial: optuna.Trial) -> None:
+    def _adopt_epoch_results(self, study: optuna.Study, trial: optuna.Trial, ended: bool) -> None:
         """Record, as finished trials of their own cells, the shorter cells' results a run wrote (also when it
-        failed later); a cell whose results are missing after its longer run finished fails, and a rerun of
-        the sweep runs it on its own."""
+        failed later); a cell whose results are missing after its longer run ``ended`` is recorded failed,
+        and runs on its own."""
         folders = trial.user_attrs.get(EPOCH_DIRS) or {}
         objective = str(self.config.objective)
-        state = next(t.state for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         done = {t.user_attrs.get(CELL) for t in study.get_trials(deepcopy=False) if finished(t)}
         for cell, folder in folders.items():
             if cell in done:
@@ -467,21 +476,17 @@ class FtexpSweeper(Sweeper):
                                                           user_attrs=attrs))
                 log.info("Trial %d wrote the results of %s: %s %.4g", trial.number, folder, objective,
                          metrics[objective])
-            elif state == TrialState.COMPLETE:
+            elif ended:
                 error = (f"trial {trial.number} finished without writing these epoch results (its folder "
-                         f"{folder} has no {objective}); a rerun of the sweep runs this cell on its own")
+                         f"{folder} has no {objective}); the cell runs on its own")
                 records.write_failure(self.sweep_dir / folder, sw.TrialFailed(error), values=json.loads(cell))
                 study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={**attrs, ERROR: error}))
-                self.failures += 1
                 log.warning("%s", error)
 
     def _pruned(self, study: optuna.Study, trial: optuna.Trial, message: str) -> None:
+        trial.set_user_attr(PRUNED_AT, message)
+        study.tell(trial, state=TrialState.PRUNED)  # taken over by another worker: raises, the caller logs it
         self.pruned += 1
-        try:
-            trial.set_user_attr(PRUNED_AT, message)
-            study.tell(trial, state=TrialState.PRUNED)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return self._taken_over(trial)
         log.info("Trial %d: %s", trial.number, message)
 
     def _heartbeat(self, trial_ids: list[int], stop: threading.Event) -> None:
