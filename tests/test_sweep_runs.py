@@ -296,3 +296,18 @@ def test_the_epoch_axis_under_a_decaying_schedule_is_refused_with_the_reason(tmp
     axes = [a for a in EPOCH_AXIS if a != "train.scheduler=constant"]
     done = run_sweep(tmp_path / "s", *axes, rc=2)
     assert "train.scheduler=linear" in done.stderr and "depends on its total number of epochs" in done.stderr
+
+
+def test_a_longer_run_that_fails_keeps_what_it_wrote_and_frees_its_other_cells(tmp_path):
+    # one step an epoch at a rate that diverges at step 2: the 3-epoch run writes epoch 1's results, then
+    # fails before epoch 2's; the 2-epoch cell then runs on its own (and diverges too) instead of waiting
+    sweep = tmp_path / "fails"
+    axes = ["train.epochs=1,2,3", "train.n=8", "train.max_steps=null", "train.batch_size=8", "train.logging_steps=1",
+            "train.scheduler=constant", "train.learning_rate=1e6", "hydra.sweeper.epochs_from_one_run=true"]
+    run_sweep(sweep, *axes, rc=1)
+    by_epochs = {}
+    for t in trials(sweep):
+        by_epochs.setdefault(t.user_attrs["train.epochs"], []).append(t.state)
+    assert by_epochs[1] == [TrialState.COMPLETE]  # written before the longer run diverged
+    assert by_epochs[3] == [TrialState.FAIL] and by_epochs[2] == [TrialState.FAIL]
+    assert len(list(sweep.glob("*epochs=2*/failed.json"))) == 1
