@@ -24,6 +24,7 @@ import math
 import random
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -498,11 +499,36 @@ def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Pa
 CHECKPOINTS = "checkpoints"
 
 
-def last_checkpoint(folder: Path) -> tuple[Path | None, int]:
-    """The newest complete checkpoint in ``folder`` and its step, or (None, 0).
+def unreadable_files(checkpoint: Path) -> list[str]:
+    """The files of ``checkpoint`` that would not load, read cheaply: a safetensors file whose header does
+    not parse, a torch file (a zip archive) whose directory is missing, a JSON file that does not parse.
+    A write cut short, a full disk or an emptied file shows in all three."""
+    from safetensors import safe_open
 
-    The trainer writes trainer_state.json last, so a checkpoint a kill cut short
-    (weights but no state) is passed over for the one before it.
+    bad = []
+    for path in sorted(checkpoint.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    handle.keys()
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    archive.namelist()
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as err:  # noqa: BLE001 - any failure to read means it would not load
+            bad.append(f"{path.relative_to(checkpoint)} ({type(err).__name__})")
+    return bad
+
+
+def last_checkpoint(folder: Path) -> tuple[Path | None, int]:
+    """The newest checkpoint in ``folder`` that is complete and loads, and its step, or (None, 0).
+
+    The trainer writes trainer_state.json last, so a checkpoint a kill cut short (weights but no state)
+    is passed over for the one before it; so is one whose files do not load (``unreadable_files``), with
+    a warning naming it. If checkpoints exist and none loads, the run is refused and every file kept.
     """
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -511,10 +537,18 @@ def last_checkpoint(folder: Path) -> tuple[Path | None, int]:
         step = path.name.rsplit("-", 1)[-1]
         if step.isdigit() and (path / "trainer_state.json").exists():
             found.append((int(step), path))
-    if not found:
-        return None, 0
-    step, path = max(found)
-    return path, step
+    skipped = []
+    for step, path in sorted(found, reverse=True):
+        bad = unreadable_files(path)
+        if not bad:
+            return path, step
+        log.warning("checkpoint %s does not load (%s): passed over for an older one", path, ", ".join(bad))
+        skipped.append(f"{path.name}: {', '.join(bad)}")
+    if skipped:
+        raise ConfigError(f"No checkpoint in {folder} loads ({'; '.join(skipped)}), so this run cannot resume. "
+                          f"Every file is kept. Move {folder} aside to train from the start, or restore a "
+                          "checkpoint from a copy.")
+    return None, 0
 
 
 def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, report_to=(), on_log=None,

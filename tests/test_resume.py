@@ -125,3 +125,40 @@ def test_sigkill_then_the_same_command_finishes_the_run(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["train/steps"] == 40 and metrics["train/resumed_from_step"] >= 4
     assert _steps(tmp_path) == list(range(1, 41))
+
+
+def _killed_at(run: Path, step: int, monkeypatch) -> None:
+    log_step = training.LossLog.on_log
+
+    def die(self, args, state, control, logs=None, **kw):
+        if state.global_step == step:
+            raise Killed(f"killed at step {step}")
+        return log_step(self, args, state, control, logs=logs, **kw)
+
+    monkeypatch.setattr(training.LossLog, "on_log", die)
+    with pytest.raises(Killed):
+        recipes.finetune(compose_cfg(RESUMABLE, run))
+    monkeypatch.setattr(training.LossLog, "on_log", log_step)
+
+
+def test_a_checkpoint_whose_weights_do_not_load_is_passed_over_for_the_one_before(tmp_path, monkeypatch, caplog):
+    whole = recipes.finetune(compose_cfg(RESUMABLE, tmp_path / "whole"))
+    run = tmp_path / "killed"
+    _killed_at(run, 10, monkeypatch)  # after checkpoints 4 and 8
+    (run / "checkpoints" / "checkpoint-8" / "model.safetensors").write_bytes(b"")  # a full disk, a lost write
+    resumed = recipes.finetune(compose_cfg(RESUMABLE, run))
+    assert "checkpoint-8 does not load (model.safetensors" in caplog.text
+    assert resumed["train/resumed_from_step"] == 4 and resumed["train/steps"] == 12
+    assert resumed["train/loss_last"] == pytest.approx(whole["train/loss_last"], rel=1e-3)
+    assert _steps(run) == list(range(1, 13))
+
+
+def test_when_no_checkpoint_loads_the_run_is_refused_and_every_file_kept(tmp_path, monkeypatch):
+    run = tmp_path / "killed"
+    _killed_at(run, 10, monkeypatch)
+    for step in (4, 8):
+        (run / "checkpoints" / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"\0" * 10)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    with pytest.raises(ConfigError, match=r"No checkpoint in .* loads \(checkpoint-8: optimizer.pt .*Every file is kept"):
+        recipes.finetune(compose_cfg(RESUMABLE, run))
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
