@@ -215,9 +215,13 @@ def subset(ds: Dataset, n: int | None, seed: int, *, key: str) -> Dataset:
         raise ConfigError(
             f"{key}={n} but the split has only {len(ds):,} rows. Use {key}<={len(ds)}, or {key}=null for all of them."
         )
+    return ds.select(seeded_order(len(ds), seed)[:n])
+
+
+def seeded_order(rows: int, seed: int) -> list[int]:
+    """The permutation of ``rows`` row indices that ``seed`` fixes: nested subsets are its prefixes."""
     import numpy as np
-    order = np.random.default_rng(seed).permutation(len(ds))[:n]
-    return ds.select(order.tolist())
+    return np.random.default_rng(seed).permutation(rows).tolist()
 
 
 def held_out(ds: Dataset, n: int, seed: int, *, train_n: int | None, key: str) -> Dataset:
@@ -228,8 +232,7 @@ def held_out(ds: Dataset, n: int, seed: int, *, train_n: int | None, key: str) -
     if used + n > len(ds):
         raise ConfigError(
             f"{key}={n} rows are held out of the training split for evaluation during training, and train.n="
-            f"{'null' if train_n is None else train_n} takes {used:,} of its {len(ds):,} rows: together more than it holds. Lower {key} or train.n "
-            f"(at most {len(ds) - n:,} with {key}={n}), or turn evaluation during training off (train.eval_every=null).")
-    import numpy as np
-    order = np.random.default_rng(seed).permutation(len(ds))[len(ds) - n:]
-    return ds.select(order.tolist())
+            f"{'null' if train_n is None else train_n} takes {used:,} of its {len(ds):,} rows: together more than "
+            f"it holds. Lower {key} or train.n (at most {len(ds) - n:,} with {key}={n}), or turn evaluation during "
+            "training off (train.eval_every=null).")
+    return ds.select(seeded_order(len(ds), seed)[len(ds) - n:])

@@ -140,8 +140,9 @@ class EpochResultWriter:
         self.dirs = {int(k): Path(str(d)) for k, d in zip(cfg.epoch_results.epochs, dirs)}
         self.pending = []
         for epoch, folder in self.dirs.items():
-            records.check_same_experiment(folder, self.config(epoch))
-            if records.reusable_metrics(folder, self.config(epoch)) is None:
+            shorter = self.config(epoch)
+            records.check_same_experiment(folder, shorter)
+            if records.reusable_metrics(folder, shorter) is None:
                 self.pending.append(epoch)
 
     def config(self, epoch: int) -> DictConfig:
@@ -151,7 +152,7 @@ class EpochResultWriter:
             cfg.train.epochs = float(epoch)
             cfg.epoch_results.epochs, cfg.epoch_results.dirs = None, None
             cfg.output_dir = str(self.dirs[epoch])
-            cfg.run_name = f"{self.dirs[epoch].name}"
+            cfg.run_name = self.dirs[epoch].name
         return cfg
 
     def __call__(self, epoch: int, state, train_metrics: dict) -> None:
@@ -159,7 +160,7 @@ class EpochResultWriter:
         folder.mkdir(parents=True, exist_ok=True)
         records.write_config(cfg, folder)
         every, step = cfg.train.eval_every, state.global_step
-        logged = [json.loads(line) for line in (self.run.dir / "train_log.jsonl").read_text().splitlines() if line]
+        logged = training.read_log(self.run.dir / "train_log.jsonl")
         records.atomic_write(folder / "train_log.jsonl",
                              "".join(json.dumps(row) + "\n" for row in training.rows_until(logged, step, every)))
         if cfg.train.save_model:

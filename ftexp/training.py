@@ -96,7 +96,7 @@ class LossLog(TrainerCallback):
             fh.write(json.dumps(row) + "\n")
 
     def rows(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_log(self.path)
 
     def keep(self, rows: list[dict]) -> None:
         """Rewrite the log with ``rows`` only."""
@@ -122,14 +122,24 @@ class LossLog(TrainerCallback):
             log.info("step %d/%d  epoch %.2f  loss %.4f", state.global_step, state.max_steps, state.epoch or 0, logs["loss"])
 
 
+def read_log(path: Path) -> list[dict]:
+    """The rows of a train_log.jsonl."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def epoch_ended(state) -> int | None:
+    """The epoch the step just taken ended (its last optimizer step), else None."""
+    epoch = state.epoch or 0.0
+    return round(epoch) if epoch > 0 and abs(epoch - round(epoch)) < 1e-9 else None
+
+
 class EpochEndsLogged(TrainerCallback):
     """Log the last step of every epoch and of the run, besides every ``logging_steps``: the train log
     then has each epoch's loss, ``train/loss_last`` is the loss where training ended, and the first k
     epochs of a longer run log exactly what a k-epoch run logs (``EpochResults``)."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        epoch = state.epoch or 0.0
-        if state.global_step >= state.max_steps or (epoch > 0 and abs(epoch - round(epoch)) < 1e-9):
+        if state.global_step >= state.max_steps or epoch_ended(state) is not None:
             control.should_log = True
 
 
@@ -238,8 +248,8 @@ class EpochResults(TrainerCallback):
             log.warning("epoch_results: the results of epoch(s) %s cannot be written, the run resumed past them; "
                         "a run of that many epochs gives them.", passed)
             self.pending = [k for k in self.pending if k not in passed]
-        epoch = round(state.epoch or 0.0)
-        if epoch in self.pending and abs((state.epoch or 0.0) - epoch) < 1e-9:
+        epoch = epoch_ended(state)
+        if epoch in self.pending:
             self.due = epoch
             if args.eval_strategy == "steps":  # a run that ends here evaluates at its last step: so does this one
                 control.should_evaluate = True

@@ -117,6 +117,11 @@ for _name, _node in (("median", MedianPrunerConf), ("successive_halving", Succes
     _store.store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="ftexp")
 
 
+def cell_key(cell: dict) -> str:
+    """A grid cell's identity, as stored on its trials (user attr ``ftexp:cell``)."""
+    return json.dumps(cell, sort_keys=True, default=str)
+
+
 def finished(t: optuna.trial.FrozenTrial) -> bool:
     """A trial whose cell needs no more work: complete, or stopped by the pruner."""
     return t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and PRUNED_AT in t.user_attrs)
@@ -240,7 +245,7 @@ class FtexpSweeper(Sweeper):
         groups: dict[str, list[dict]] = {}
         for cell in cells:
             rest = {k: v for k, v in cell.items() if k.lstrip("+~") != "train.epochs"}
-            groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(cell)
+            groups.setdefault(cell_key(rest), []).append(cell)
         leaders = {}
         for members in groups.values():
             if len(members) < 2:
@@ -249,9 +254,8 @@ class FtexpSweeper(Sweeper):
             if any(not isinstance(e, (int, float)) or float(e) != int(e) for e in epochs):
                 raise SweepError(f"hydra.sweeper.epochs_from_one_run=true needs whole epochs; the grid has "
                                  f"train.epochs={epochs}.")
-            longest = json.dumps(members[epochs.index(max(epochs))], sort_keys=True, default=str)
-            leaders.update({json.dumps(c, sort_keys=True, default=str): longest for c in members
-                            if json.dumps(c, sort_keys=True, default=str) != longest})
+            longest = cell_key(members[epochs.index(max(epochs))])
+            leaders.update({cell_key(c): longest for c in members if cell_key(c) != longest})
         log.info("epochs_from_one_run: %d cell(s) written by the runs of %d longer cell(s)", len(leaders),
                  len(set(leaders.values())))
         return leaders
@@ -330,7 +334,7 @@ class FtexpSweeper(Sweeper):
         return (os.cpu_count() or 1) if n < 0 else int(n)
 
     def _run_grid(self, study: optuna.Study, cells: list[dict]) -> None:
-        by_key = {json.dumps(c, sort_keys=True, default=str): c for c in cells}  # a cell's identity
+        by_key = {cell_key(c): c for c in cells}
         budget = len(cells) if self.opts.n_trials is None else min(int(self.opts.n_trials), len(cells))
         tried: set[str] = set()
         while True:
@@ -441,7 +445,7 @@ class FtexpSweeper(Sweeper):
     def _epoch_results(self, study: optuna.Study, trial: optuna.Trial, values: dict) -> list[str]:
         """The overrides that make a longer cell's run write the results of its shorter cells not yet finished
         (epoch_results), each in a folder of its own, kept on the trial so a retry writes to the same ones."""
-        key = json.dumps(values, sort_keys=True, default=str)
+        key = cell_key(values)
         trials = study.get_trials(deepcopy=False)
         taken = {t.user_attrs.get(CELL) for t in trials if finished(t) or t.state in LIVE}  # done or running alone
         shorter = [k for k, leader in self.leaders.items() if leader == key and k not in taken]
