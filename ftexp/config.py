@@ -323,7 +323,10 @@ class EpochResultsConfig:
 @dataclass
 class EvalConfig:
     n: Optional[int] = None  # cap on eval rows (fixed order, independent of train.seed)
-    batch_size: int = 32
+    batch_size: int = 32  # rows per batch, at most
+    # padded tokens per batch, at most (rows x the batch's longest prompt): long prompts come
+    # in smaller batches; null = rows only
+    batch_tokens: Optional[int] = 8192
     method: EvalMethod = EvalMethod.generate
     shots: int = 0  # k solved train examples in the prompt (prompting baselines)
     # Likelihood scoring reads each label as the answer exactly as trained (exact), or
@@ -624,6 +627,8 @@ RANGES = {
     "train.peak_flops": (lambda v: v > 0, "a positive FLOP/s figure for one device, e.g. 989e12 (an H100 SXM "
                          "in bf16), or null to detect it"),
     "eval.batch_size": (lambda v: v >= 1, "at least 1"),
+    "eval.batch_tokens": (lambda v: v >= 1, "at least 1 token (a batch holds at least one row whatever its "
+                          "length), or null for no token budget"),
     "task.generation.max_new_tokens": (lambda v: v >= 1, "at least 1 new token"),
     "task.generation.num_beams": (lambda v: v >= 1, "at least 1"),
     "task.generation.temperature": (lambda v: v > 0, "a positive number"),

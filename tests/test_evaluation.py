@@ -108,6 +108,60 @@ def test_greedy_outputs_are_the_same_at_batch_size_1_and_16(trained):
     assert len(set(one)) > 1
 
 
+def test_a_token_budget_gives_long_items_smaller_batches():
+    lengths = [900, 600, 300, 300, 100, 100, 50]  # longest first, as evaluation orders them
+    batches = []
+    evaluation.BatchSize(4, tokens=1000).run(list(range(len(lengths))), lambda b: batches.append([lengths[i] for i in b]),
+                                             "test", length=lambda i: lengths[i])
+    # rows x the batch's longest item stays within 1,000 tokens; an item longer than that goes alone
+    assert batches == [[900], [600], [300, 300, 100], [100, 50]]
+    batches.clear()
+    evaluation.BatchSize(4, tokens=None).run(list(range(len(lengths))), lambda b: batches.append(len(b)), "test",
+                                             length=lambda i: lengths[i])
+    assert batches == [4, 3]  # no budget: the row cap alone
+
+
+class _Widths:
+    """Records (rows, width) of every forward pass that encodes more than one token a row."""
+
+    def __init__(self, model):
+        self.seen = []
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1:
+            self.seen.append(tuple(ids.shape))
+
+
+@pytest.mark.parametrize("method", ["generate", "likelihood"])
+def test_a_token_budget_keeps_outputs_and_bounds_every_batch(trained, method):
+    cfg, model, tok, task, records = trained
+    prompts = [task.prompt(r) for r in records]
+    prompts += [p.replace(" and the ", " and then the very old and heavy ") for p in prompts[:6]]  # longer ones
+    gen = OmegaConf.merge(cfg.task.generation, {"max_new_tokens": 4})
+    budget = 40
+    widths = _Widths(model)
+    try:
+        if method == "generate":
+            whole = evaluation.generate(model, tok, prompts, gen, batch_size=evaluation.BatchSize(32, None))
+            widths.seen.clear()
+            got = evaluation.generate(model, tok, prompts, gen, batch_size=evaluation.BatchSize(32, budget),
+                                      share_prefix=False)
+            assert got == whole
+        else:
+            options = [" positive", " negative"]
+            whole = evaluation.label_logprobs(model, tok, prompts, options, batch_size=evaluation.BatchSize(32, None))
+            widths.seen.clear()
+            got = evaluation.label_logprobs(model, tok, prompts, options, share_prefix=False,
+                                            batch_size=evaluation.BatchSize(32, budget))
+            assert torch.allclose(got, whole, atol=1e-5)
+    finally:
+        widths.handle.remove()
+    assert len(widths.seen) > 2  # the budget split the prompts into several batches
+    assert all(rows * width <= budget or rows == 1 for rows, width in widths.seen)
+
+
 def test_multi_token_options_sum_their_token_logprobs(trained):
     _, model, tok, task, records = trained
     prompts = [task.prompt(r) for r in records[:5]]

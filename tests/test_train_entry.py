@@ -36,6 +36,7 @@ def test_train_py_runs_and_prints_the_result_row(tmp_path):
     (["train.learning_rate=-1"], "train.learning_rate=-1.0: must be a positive number"),
     (["train.batch_size=0"], "train.batch_size=0: must be at least 1"),
     (["task.generation.max_new_tokens=0"], "task.generation.max_new_tokens=0: must be at least 1"),
+    (["eval.batch_tokens=0"], "eval.batch_tokens=0: must be at least 1 token"),
     (["train.save_steps=0"], "train.save_steps=0"),
     (["model.name_or_path=/no/such/model"], "model.name_or_path=/no/such/model: no such folder"),
     (["lora=default", "lora.target_modules=[no_such_proj]"],
