@@ -263,8 +263,10 @@ def _finetune(run: Run) -> dict:
         # evaluate
         rows = None
         if cfg.eval.enabled:
+            memory.reset_peak(run.device)  # eval/peak_memory_mb: this phase's own
             try:
                 eval_metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
+                eval_metrics["eval/peak_memory_mb"] = memory.peak_mb(run.device)
             except Exception:  # keep what training produced; the saved model can be evaluated again
                 records.write_metrics(metrics, run.dir, name="train_metrics.json")
                 again = f" Re-evaluate it with: python evaluate.py run={run.dir}" if cfg.train.save_model else ""
@@ -317,7 +319,9 @@ def evaluate_only(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         task = load_task(cfg, tokenizer, eval_rows)
 
         # evaluate
+        memory.reset_peak(run.device)
         metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
+        metrics["eval/peak_memory_mb"] = memory.peak_mb(run.device)
         if cfg.judge.name != "none":
             metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, run.device))
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import compose_cfg, tiny_setup
 from ftexp import modeling, recipes, training
+from ftexp.config import ConfigError, validate
 from ftexp.tasks import build_task
 
 CONTRACT_KEYS = ["train/loss_first", "train/loss_last", "train/runtime_s", "train/samples", "train/tokens_per_s",
                  "train/trainable_params", "train/peak_memory_mb", "eval/n", "eval/accuracy", "eval/f1",
-                 "eval/irregular", "eval/runtime_s"]
+                 "eval/irregular", "eval/runtime_s", "eval/peak_memory_mb"]
 
 
 def _setup(cfg, tmp_path):
@@ -77,6 +80,35 @@ def test_same_seed_same_result(tmp_path):
     b = recipes.finetune(compose_cfg(["eval.n=8"], tmp_path / "b"))
     assert a["train/loss_last"] == b["train/loss_last"]
     assert (tmp_path / "a" / "predictions.jsonl").read_text() == (tmp_path / "b" / "predictions.jsonl").read_text()
+
+
+@pytest.mark.parametrize("lora", ["none", "default"])
+def test_micro_batches_train_like_the_whole_batch(tmp_path, lora):
+    """train.batch_size=8 as micro-batches of 2 (gradients added up over 4 passes) trains the same rows
+    each step to the same losses and weights as the 8 rows at once (dropout off: its masks are drawn per
+    pass). On a CPU the default splits a batch of 8 into micro-batches of 4."""
+    logs, weights = {}, {}
+    for micro in (8, 2, None):
+        out = tmp_path / str(micro)
+        cfg = compose_cfg([f"lora={lora}", "lora.dropout=0", f"train.micro_batch_size={micro or 'null'}",
+                           "eval.enabled=false"], out)
+        metrics = recipes.finetune(cfg)
+        assert metrics["train/micro_batch_size"] == (micro or 4)
+        assert metrics["train/global_batch_size"] == 8
+        logs[micro] = [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (out / "train_log.jsonl")
+                       .read_text().splitlines()) if "grad_norm" in r]
+        weights[micro] = load_file(next((out / ("model" if lora == "none" else "adapter")).glob("*.safetensors")))
+    for micro in (2, None):
+        assert [s for s, _, _ in logs[micro]] == [s for s, _, _ in logs[8]] == [1, 2, 3, 4]
+        for (_, loss, norm), (_, loss8, norm8) in zip(logs[micro], logs[8]):
+            assert loss == pytest.approx(loss8, rel=1e-4) and norm == pytest.approx(norm8, rel=1e-3)
+        for name, tensor in weights[8].items():
+            assert torch.allclose(weights[micro][name], tensor, atol=1e-5), name
+
+
+def test_a_micro_batch_that_does_not_divide_the_batch_is_refused():
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size=3: .* must divide 8: one of \[1, 2, 4, 8\]"):
+        validate(compose_cfg(["train.micro_batch_size=3"]))
 
 
 def test_run_directory_holds_the_contract_files(tmp_path):

@@ -75,6 +75,7 @@ RUN_METRICS = (
     Metric("train/tokens_per_s", "maximize", ".0f"), Metric("train/steps", "maximize", "d"),
     Metric("train/trainable_params", "minimize", ",d"), Metric("model/weight_memory_mb", "minimize", ".0f"),
     Metric("eval/runtime_s", "minimize", ".1f"), Metric("eval/n", "maximize", "d"),
+    Metric("eval/peak_memory_mb", "minimize", ".0f"),
 )
 # What an LLM judge writes (ftexp/judge.py): ratings 1-5 per criterion, higher is better,
 # and these judge/* keys that count or check rather than rate
