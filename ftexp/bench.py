@@ -3,6 +3,7 @@
     python -m ftexp.bench                                     # tiny + SmolLM2 (if installed), all 872 dev sentences
     python -m ftexp.bench --models tiny --steps 4 --eval-n 64
     python -m ftexp.bench --quick                             # the tiny model, a few rows: seconds, not minutes
+    python -m ftexp.bench --gpu                               # the GPU paths' tests and figures (ftexp.gpu_check)
 
 On the real SST-2 files (``--data``, GLUE layout), for each model, in one process, side by
 side, from the same base weights and the same rows, on the CPU:
@@ -46,7 +47,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from transformers import PrinterCallback, TrainerCallback
 
-from ftexp import evaluation, gguf, memory, modeling, presets, recipes, throughput, training
+from ftexp import evaluation, gguf, gpu_check, memory, modeling, presets, recipes, throughput, training
 from ftexp.config import ConfigError, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -529,9 +530,13 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--data", default=None,
                    help=f"GLUE SST-2 folder with train.tsv and dev.tsv (default: {DEFAULT_DATA} from the repository "
                         "root)")
-    p.add_argument("--out", default="outputs/bench/performance.md", help="markdown file written (default: %(default)s)")
+    p.add_argument("--out", default=None, help="markdown file written (default: outputs/bench/performance.md, with "
+                                                "--gpu outputs/bench/gpu.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for everything, the ceiling included (default: torch's own, one per core)")
+    p.add_argument("--gpu", action="store_true",
+                   help="run the GPU paths' tests (tests/gpu) and report their figures instead; --out names the "
+                        "report (default: outputs/bench/gpu.md)")
     p.add_argument("--quick", action="store_true",
                    help=f"the tiny model (made smaller), {QUICK_STEPS} steps from {QUICK_TRAIN_N} rows, "
                         f"{QUICK_EVAL_N} dev sentences: about a minute")
@@ -611,17 +616,19 @@ def run(args, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    command = " ".join(["python -m ftexp.bench", *map(shlex.quote, argv)])
+    if args.gpu:
+        return gpu_check.run(Path(args.out or "outputs/bench/gpu.md"), command)
     import datasets
 
     datasets.disable_progress_bars()
-    command = " ".join(["python -m ftexp.bench", *map(shlex.quote, argv)])
     try:
         with contextlib.redirect_stdout(sys.stderr):  # libraries' prints are progress; stdout is the table
             report = run(args, command)
     except ConfigError as err:
         print(f"ftexp: error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(args.out or "outputs/bench/performance.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print(report, end="")

@@ -136,3 +136,17 @@ def test_an_unknown_model_is_refused_before_anything_runs(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "no_such_model" in err and "smollm2_135m_gguf" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the report of a machine without CUDA")
+def test_the_gpu_check_runs_its_tests_and_reports_them_skipped_without_cuda(tmp_path, shared_data):
+    out = tmp_path / "gpu.md"
+    proc = subprocess.run([sys.executable, "-m", "ftexp.bench", "--gpu", f"--data={shared_data / 'SST-2'}",
+                           f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert "Devices: no CUDA device" in text
+    for name in ("bf16_lora", "qlora_nf4_with_double_quantization", "int8_lora", "ddp_on_two_gpus"):
+        assert re.search(rf"\| {name} \| skipped \|", text), name
+    assert "needs a CUDA device" in text or "needs two CUDA devices" in text
