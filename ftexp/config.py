@@ -406,6 +406,19 @@ class RunConfig:
     epoch_results: EpochResultsConfig = field(default_factory=EpochResultsConfig)
 
 
+def load_run_config(run) -> DictConfig:
+    """A run folder's saved config.yaml, type-checked against this version's schema."""
+    from omegaconf import OmegaConf
+
+    saved = Path(run) / "config.yaml"
+    if not saved.exists():
+        raise ConfigError(f"run={run}: no config.yaml there. Point run= at a directory that train.py wrote.")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(saved))
+    except Exception as err:  # a key the schema no longer has, or a wrong type
+        raise ConfigError(f"run={run}: its config.yaml does not fit this version's schema ({err}).") from err
+
+
 def register_configs() -> None:
     """Put the schema into Hydra's ConfigStore; config.yaml lists it first."""
     cs = ConfigStore.instance()

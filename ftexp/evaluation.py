@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftexp import architecture
 from ftexp.cli import command_line_keys
-from ftexp.config import ConfigError, EvalConfig, RunConfig
+from ftexp.config import ConfigError, EvalConfig, load_run_config
 from ftexp.metrics import evaluate_library
 from ftexp.tasks.base import join_answer
 from ftexp.tasks.classification import check_label_word
@@ -692,13 +692,7 @@ def eval_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConf
     if not cfg.get("run"):
         return cfg
     trained = Path(str(cfg.run))
-    saved_path = trained / "config.yaml"
-    if not saved_path.exists():
-        raise ConfigError(f"run={cfg.run}: no config.yaml there. Point run= at a directory that train.py wrote.")
-    try:
-        out = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(saved_path))
-    except Exception as err:  # a key the schema no longer has, or a wrong type
-        raise ConfigError(f"run={cfg.run}: its config.yaml does not fit this version's schema ({err}).") from err
+    out = load_run_config(trained)
     keys = command_line_keys() if overrides is None else list(overrides)
     refused = [k for k in keys if not _under(k, EVAL_OVERRIDABLE + EVAL_INVOCATION)]
     if refused:
