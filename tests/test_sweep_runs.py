@@ -311,3 +311,27 @@ def test_a_longer_run_that_fails_keeps_what_it_wrote_and_frees_its_other_cells(t
     assert by_epochs[1] == [TrialState.COMPLETE]  # written before the longer run diverged
     assert by_epochs[3] == [TrialState.FAIL] and by_epochs[2] == [TrialState.FAIL]
     assert len(list(sweep.glob("*epochs=2*/failed.json"))) == 1
+
+
+def test_a_grid_runs_through_submitit_local_jobs_and_a_rerun_continues_it(tmp_path):
+    """+launcher=local: each trial is a submitit job (its own process, its own log under .submitit/),
+    the code path of the SLURM preset with another executor. A rerun runs no finished cell again."""
+    sweep = tmp_path / "submitit"
+    axes = ["train.n=16,32", "+launcher=local", "hydra.sweeper.n_jobs=2"]
+    done = run_sweep(sweep, *axes)
+    ts = trials(sweep)
+    assert sorted(t.user_attrs["train.n"] for t in ts if t.state == TrialState.COMPLETE) == [16, 32]
+    assert "Submitit 'local' sweep output dir" in done.stdout + done.stderr
+    job_logs = sorted(sweep.glob(".submitit/*/*_log.out"))
+    assert len(job_logs) == 2, job_logs  # one submitit job per trial
+    pickled = sorted(sweep.glob(".submitit/*/*_result.pkl"))
+    assert len(pickled) == 2  # each job handed its return value back through submitit
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert [(r["# training data"], r["Status"]) for r in rows] == [("16", "ok"), ("32", "ok")]
+    assert (sweep / "results.md").exists()
+
+    before = metrics_mtimes(sweep)
+    again = run_sweep(sweep, *axes)
+    assert len(trials(sweep)) == 2 and metrics_mtimes(sweep) == before
+    assert "this invocation ran 0" in again.stdout + again.stderr
+    assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2  # nothing submitted the second time
