@@ -383,6 +383,7 @@ class LoggerConfig:
     tags: list = field(default_factory=list)
     mode: Optional[WandbMode] = None  # null = offline without an API key
     log_predictions: int = 50  # rows of predictions logged as a W&B Table
+    log_model: bool = False  # also log the adapter (or full model) folder as a W&B artifact
 
 
 @dataclass

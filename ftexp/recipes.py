@@ -57,7 +57,7 @@ class Run:
         if self.main:
             records.write_config(self.cfg, self.dir)
         logger = self.cfg.logger if self.main else OmegaConf.create({"name": "none"})
-        self.tracker = records.Tracker(logger, self.cfg, self.dir)
+        self.tracker = records.Tracker(logger, self.cfg, self.dir, swept=sweep.swept_values(self.cfg))
         failed = True
         try:
             yield
@@ -252,6 +252,7 @@ def _finetune(run: Run) -> dict:
                 model.save_pretrained(out)
             if run.main:
                 tokenizer.save_pretrained(out)
+                run.tracker.artifact(out, "adapter" if cfg.lora.enabled else "model")
         if not run.main:
             return metrics
         if sharded and cfg.eval.enabled:  # rank 0 holds a shard only: evaluate the saved whole

@@ -326,7 +326,7 @@ class Tracker:
     config passes through ``scrub`` and W&B reads the key from the environment itself.
     """
 
-    def __init__(self, lcfg, cfg: DictConfig, run_dir: Path):
+    def __init__(self, lcfg, cfg: DictConfig, run_dir: Path, swept: dict | None = None):
         self.run = None
         self.lcfg = lcfg
         if lcfg.name == "none":
@@ -341,7 +341,9 @@ class Tracker:
         sweep = sweep_context()
         self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, group=lcfg.group or sweep.get("group"),
                               tags=list(lcfg.tags), name=cfg.run_name or sweep.get("name") or Path(run_dir).name,
-                              dir=str(run_dir), mode=mode, config=config_dict(cfg), reinit="finish_previous")
+                              dir=str(run_dir), mode=mode, reinit="finish_previous",
+                              # the swept values also as top-level keys: the runs table's and panels' columns
+                              config={**config_dict(cfg), **(swept or {})})
 
     @property
     def report_to(self) -> list[str]:
@@ -364,6 +366,17 @@ class Tracker:
         cols = list(rows[0])
         self.run.log({name: wandb.Table(columns=cols, data=[[json.dumps(r[c]) if isinstance(r[c], (dict, list)) else r[c]
                                                                for c in cols] for r in rows])})
+
+    def artifact(self, folder: Path, kind: str) -> None:
+        """Log ``folder`` (the trained adapter or model) as a W&B artifact named after the run,
+        when ``logger.log_model`` asks for it."""
+        if self.run is None or not self.lcfg.get("log_model") or not Path(folder).is_dir():
+            return
+        import wandb
+
+        art = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]+", "-", f"{self.run.name}-{kind}").strip("-"), type=kind)
+        art.add_dir(str(folder))
+        self.run.log_artifact(art)
 
     def finish(self, failed: bool = False) -> None:
         if self.run is not None:

@@ -24,6 +24,7 @@ import optuna
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from sqlalchemy.engine import make_url
 
 from ftexp import distributed, records
@@ -75,12 +76,30 @@ def expand_grid(axes: dict[str, list], cells: list[dict] | None = None) -> list[
     return out
 
 
+def short_names(keys) -> dict[str, str]:
+    """Each swept key by its last part ("train.n" -> "n"), or whole where two keys share that part."""
+    keys = [k.lstrip("+~") for k in keys]
+    last = [k.split(".")[-1] for k in keys]
+    return {k: short if last.count(short) == 1 else k for k, short in zip(keys, last)}
+
+
+# The environment variable that tells a trial's process which keys the sweep varies (hydra.job.env_set):
+# W&B gets their values as top-level config keys, the columns a sweep's runs table and panels need.
+SWEPT_ENV = "FTEXP_SWEPT"
+
+
+def swept_values(cfg) -> dict:
+    """{short name: value} of the keys this sweep trial varies (``SWEPT_ENV``); {} outside a sweep."""
+    keys = [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
+    return {name: OmegaConf.select(cfg, key) for key, name in short_names(keys).items()}
+
+
 def run_name(values: dict) -> str:
     """ "n=100 epochs=10": the swept values, each by its last key part unless that is ambiguous."""
-    last = [k.lstrip("+~").split(".")[-1] for k in values]
+    names = short_names(values)
     parts = []
-    for (key, value), short in zip(values.items(), last):
-        name = short if last.count(short) == 1 else key.lstrip("+~")
+    for key, value in values.items():
+        name = names[key.lstrip("+~")]
         if isinstance(value, float):
             value = int(value) if value.is_integer() else float(f"{value:.3g}")
         parts.append(f"{name}={format_value(value).strip(chr(39))}")

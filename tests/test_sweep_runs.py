@@ -193,31 +193,46 @@ def key_of(item) -> str:
 
 
 def test_wandb_offline_logs_each_trial_grouped_by_sweep_and_named_by_its_values(tmp_path):
+    """A sweep read back from its offline W&B files: each trial a run in the sweep's group, named by
+    its swept values, which are also top-level config keys; the final metrics in the summary; the
+    loss per step; the model as an artifact (logger.log_model); and one report run with the table."""
     sweep = tmp_path / "tracked"
     fake_token = "hf_" + "Q" * 34
     environ = {**env(), "HF_TOKEN": fake_token}
     for key in ("WANDB_MODE", "WANDB_API_KEY"):
         environ.pop(key, None)
-    # one trial, its cell given as an explicit cell list on the command line
-    done = subprocess.run(sweep_cmd(sweep, 'hydra.sweeper.cells=["train.n=16"]', "logger=wandb", "train.logging_steps=1"),
-                          cwd=ROOT,
-                          env=environ, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(sweep_cmd(sweep, "train.n=16,32", "logger=wandb", "logger.log_model=true",
+                                    "train.save_model=true", "train.logging_steps=1"),
+                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "wandb sync" in done.stdout + done.stderr  # the user is told how to upload the offline runs
-    names = set()
+    names, swept = set(), set()
     for run_file in sorted(sweep.glob("*_n=*/wandb/offline-run-*/run-*.wandb")):
         recs = list(wandb_records(run_file))
         run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
         names.add(run.display_name)
         assert run.run_group == "tracked"
         config = {i.key: json.loads(i.value_json) for i in run.config.update}
-        assert config["train"]["n"] == 16 and config["objective"] == "eval/accuracy"
+        assert config["train"]["n"] == config["n"] and config["objective"] == "eval/accuracy"
+        swept.add(config["n"])
         history = {key_of(i) for r in recs if r.WhichOneof("record_type") == "history" for i in r.history.item}
         assert "train/loss" in history and "predictions" in {k.split("/")[0] for k in history}
         summary = {key_of(i) for r in recs if r.WhichOneof("record_type") == "summary" for i in r.summary.update}
-        assert {"eval/accuracy", "eval/f1", "eval/irregular"} <= summary
-    assert names == {"n=16"}
-    assert list(sweep.glob("wandb/offline-run-*/run-*.wandb"))  # the results table, logged at the end
+        assert {"eval/accuracy", "eval/f1", "eval/irregular", "train/loss_last"} <= summary
+        artifacts = [r.artifact for r in recs if r.WhichOneof("record_type") == "artifact"]
+        assert [a.name for a in artifacts if a.type == "model"] == [f"{run.display_name.replace('=', '-')}-model"]
+    assert names == {"n=16", "n=32"} and swept == {16, 32}
+    report_files = list(sweep.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(report_files) == 1  # the results, logged at the end as a run of their own
+    recs = list(wandb_records(report_files[0]))
+    run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+    assert run.job_type == "report" and run.run_group == "tracked"
+    logged = {key_of(i): i.value_json for r in recs if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    assert logged["results/_type"] == '"table-file"' and logged["results/nrows"] == "2"  # one row per cell
+    assert logged["results_plot/_type"] == '"image-file"'
+    table = json.loads(next(report_files[0].parent.glob("files/" + json.loads(logged["results/path"]))).read_text())
+    column = table["columns"].index("# training data (epochs)")
+    assert sorted(row[column] for row in table["data"]) == ["16 (1 step)", "32 (1 step)"]
     for path in sweep.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert fake_token.encode() not in path.read_bytes(), path

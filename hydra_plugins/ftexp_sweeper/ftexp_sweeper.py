@@ -406,6 +406,8 @@ class FtexpSweeper(Sweeper):
                 trial.set_user_attr(key, value)
             overrides = [f"{k}={sw.format_value(v)}" for k, v in values.items()] + self.fixed
             overrides += self._epoch_results(study, trial, values)
+            # the keys this sweep varies, for the trial's W&B config (ftexp.sweep.swept_values)
+            overrides.append(f"+hydra.job.env_set.{sw.SWEPT_ENV}='{','.join(k.lstrip('+~') for k in values)}'")
             if self.opts.pruner:  # the trial's process reports to this trial (ftexp.sweep.trial_reporter)
                 overrides.append(f"+hydra.job.env_set.{sw.TRIAL_ENV}='{trial.number}'")
             log.info("Trial %d -> %s: %s", trial.number, folder, " ".join(overrides[:len(values)]))
