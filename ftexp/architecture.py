@@ -110,6 +110,14 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters, 4-bit weights at their unpacked size: peft's count for an
+    adapted model, transformers' otherwise."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    return model.num_parameters(only_trainable=True), model.num_parameters()
+
+
 # ----------------------------------------------------------------------------- shipped architectures
 
 

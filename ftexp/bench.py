@@ -47,7 +47,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from transformers import PrinterCallback, TrainerCallback
 
-from ftexp import evaluation, gguf, gpu_check, memory, modeling, presets, recipes, throughput, training
+from ftexp import architecture, evaluation, gguf, gpu_check, memory, modeling, presets, recipes, throughput, training
 from ftexp.config import ConfigError, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +253,7 @@ def training_step(name, cfg, base, tokenizer, records, ceiling: Ceiling, work, v
     say(f"{name}: training, {variant}: {cfg.train.max_steps} steps")
     model = modeling.load_model(base, cfg.model, cfg.quant, "cpu")
     model = modeling.attach_adapters(model, cfg.lora, cfg.quant, cfg.train.gradient_checkpointing)
-    trainable, total = modeling.count_parameters(model)
+    trainable, total = architecture.count_parameters(model)
     multiplying = throughput.multiplying_params(model)
     per_token = throughput.flops_per_token(model, frozen_base=True)
     gc.collect()

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import set_seed
 
 from ftexp import data as data_mod
-from ftexp import distributed, evaluation, judge, memory, modeling, records, sweep, training
+from ftexp import architecture, distributed, evaluation, judge, memory, modeling, records, sweep, training
 from ftexp.config import ConfigError, validate
 from ftexp.tasks import build_task, check_objective
 
@@ -228,7 +228,7 @@ def _finetune(run: Run) -> dict:
         # model, but not when it is read from the cache), and the adapters' initial weights must not depend on it.
         set_seed(cfg.train.seed)
         model = modeling.attach_adapters(model, cfg.lora, cfg.quant, cfg.train.gradient_checkpointing)
-        trainable, total = modeling.count_parameters(model)
+        trainable, total = architecture.count_parameters(model)
         log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
                  100 * trainable / total)
         metrics = {"train/trainable_params": trainable, "train/total_params": total,

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ftexp import architecture, cache
+
 log = logging.getLogger(__name__)
 
 
@@ -92,9 +94,7 @@ def multiplying_params(model) -> int:
     """Parameters that take part in a matmul for every token: all of them (``count_parameters``,
     4-bit weights at their unpacked size) but the input embedding, which is a table lookup,
     unless the output head shares its weights."""
-    from ftexp.modeling import count_parameters
-
-    _, total = count_parameters(model)
+    _, total = architecture.count_parameters(model)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(embed, "weight", None)
@@ -160,9 +160,7 @@ def matmul_dtype(cfg, model) -> torch.dtype:
     if cfg.train.fp16:
         return torch.float16
     if cfg.quant.name == "nf4":
-        from ftexp.architecture import parse_dtype
-
-        return parse_dtype(cfg.quant.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype")
+        return architecture.parse_dtype(cfg.quant.bnb_4bit_compute_dtype, "quant.bnb_4bit_compute_dtype")
     dtype = getattr(model, "dtype", torch.float32)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
@@ -206,10 +204,8 @@ def cpu_peak_flops(dtype: torch.dtype, cache_dir: str | None) -> float:
     if not cache_dir:
         _MEASURED[key] = matmul_flops(dtype)
         return _MEASURED[key]
-    from ftexp.cache import locked
-
     file = Path(cache_dir).expanduser() / "hardware" / "cpu_peak_flops.json"
-    with locked(file.with_suffix(".lock")):  # parallel sweep workers measure once, not all at once
+    with cache.locked(file.with_suffix(".lock")):  # parallel sweep workers measure once, not all at once
         try:
             known = json.loads(file.read_text()) if file.exists() else {}
         except json.JSONDecodeError:

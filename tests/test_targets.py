@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_cfg
-from ftexp import modeling, recipes, training
+from ftexp import architecture, modeling, recipes, training
 from ftexp.cache import tokenized_prefix
 from ftexp.config import ConfigError
 from ftexp.tasks import build_task
@@ -84,7 +84,7 @@ def test_adapters_on_all_linear_count_r_times_in_plus_out(tiny_bases, quant):
     model = modeling.load_model(base, cfg.model, qcfg, "cpu")
     expected = _lora_size(model, LINEARS["llama"])
     wrapped = modeling.attach_adapters(model, _lora(), qcfg)
-    trainable, total = modeling.count_parameters(wrapped)
+    trainable, total = architecture.count_parameters(wrapped)
     assert trainable == expected and trainable < total
 
 

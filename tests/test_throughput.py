@@ -4,7 +4,6 @@ the completion-only labels exactly as TRL's own preparation makes them, also pac
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
@@ -13,7 +12,7 @@ from datasets import Dataset
 from omegaconf import OmegaConf, open_dict
 
 from conftest import compose_cfg, tiny_setup
-from ftexp import modeling, throughput, training
+from ftexp import architecture, modeling, throughput, training
 from ftexp.cache import tokenized_prefix
 from ftexp.config import ConfigError, validate
 
@@ -37,7 +36,7 @@ def test_metrics_count_real_tokens_padding_flops_and_mfu(tmp_path):
     assert m["train/tokens"] == row_tokens  # every real token of the epoch, no padding
     assert m["train/tokens"] == trainer.state.num_input_tokens_seen  # the trainer's own non-padding count agrees
     assert m["train/tokens_per_s"] == pytest.approx(row_tokens / m["train/runtime_s"])
-    _, total = modeling.count_parameters(model)
+    _, total = architecture.count_parameters(model)
     assert m["train/flops_per_token"] == 6 * total  # full fine-tune; the tiny model ties its embedding to the head
     assert m["train/peak_flops"] > 0
     assert m["train/mfu"] == pytest.approx(6 * total * row_tokens / m["train/runtime_s"] / m["train/peak_flops"])
@@ -82,7 +81,7 @@ def test_flops_per_token_full_lora_and_untied_embeddings():
     assert throughput.flops_per_token(model, frozen_base=False) == 6 * (total - 300 * 32)  # lookup left out
     lora = modeling.attach_adapters(model, OmegaConf.create(compose_cfg(["lora=default"]).lora),
                                     OmegaConf.create({"name": "none"}))
-    _, with_adapters = modeling.count_parameters(lora)
+    _, with_adapters = architecture.count_parameters(lora)
     assert throughput.flops_per_token(lora, frozen_base=True) == 4 * (with_adapters - 300 * 32)
 
 

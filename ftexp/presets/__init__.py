@@ -39,7 +39,7 @@ def count_trainable(model_cfg, lora_cfg) -> dict:
     if lora_cfg.enabled:
         model = modeling.attach_adapters(model, lora_cfg, OmegaConf.create({"name": "none"}))
         targets = sorted(model.peft_config["default"].target_modules)
-    trainable, total = modeling.count_parameters(model)
+    trainable, total = architecture.count_parameters(model)
     return {"trainable": trainable, "total": total, "base_total": base_total,
             "trainable_pct": 100 * trainable / total, "targets": targets}
 
