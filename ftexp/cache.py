@@ -15,16 +15,16 @@ them to ``train.max_length``).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from trl.data_utils import common_prefix_length
+
+from ftexp import files
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,6 @@ def fingerprint(tokenizer, cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-@contextmanager
-def locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # parallel sweep workers take turns
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def tokenized_prefix(records: Dataset, tokenizer, cfg, cache_dir: str | None) -> tuple[Dataset, int]:
     """Tokenize ``records`` (the first rows of the seeded permutation), reusing the cache.
 
@@ -96,7 +85,7 @@ def tokenized_prefix(records: Dataset, tokenizer, cfg, cache_dir: str | None) ->
     if not cache_dir:
         return encode(records), len(records)
     root = Path(os.path.expanduser(str(cache_dir))) / "tokenized" / fingerprint(tokenizer, cfg)
-    with locked(root.with_suffix(".lock")):
+    with files.locked(root.with_suffix(".lock")):  # parallel sweep workers take turns
         cached = load_from_disk(str(root)) if (root / "dataset_info.json").exists() else None
         have = len(cached) if cached is not None else 0
         n = len(records)
@@ -104,11 +93,7 @@ def tokenized_prefix(records: Dataset, tokenizer, cfg, cache_dir: str | None) ->
             return cached.select(range(n)), 0
         fresh = encode(records.select(range(have, n)))
         merged = fresh if cached is None else concatenate_datasets([cached, fresh])
-        tmp = root.with_name(root.name + ".tmp")
-        merged.save_to_disk(str(tmp))
-        if root.exists():
-            import shutil
-            shutil.rmtree(root)
-        tmp.rename(root)
+        with files.atomic_dir(root) as tmp:
+            merged.save_to_disk(str(tmp))
         log.info("tokenized %d new rows (%d reused from the cache)", n - have, have)
         return load_from_disk(str(root)), n - have

@@ -8,7 +8,6 @@ Outside a launcher every helper is a no-op: world size 1, rank 0.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -17,6 +16,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from ftexp import files
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,8 @@ def pin_worker_gpu(lock_dir: str, job_num: int) -> str | None:
         if len(gpus) > 1 and not os.environ.get("SLURM_JOB_ID"):
             Path(lock_dir).mkdir(parents=True, exist_ok=True)
             for slot in [(job_num + k) % len(gpus) for k in range(len(gpus))]:
-                handle = open(Path(lock_dir) / f"slot{slot}.lock", "w")
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    handle.close()
+                handle = files.hold(Path(lock_dir) / f"slot{slot}.lock", wait=False)
+                if handle is None:
                     continue
                 _PINNED.update(gpu=gpus[slot], lock=handle)  # the lock is held until the process exits
                 break

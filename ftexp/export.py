@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from ftexp import modeling, records
+from ftexp import files, modeling, records
 from ftexp.config import ConfigError, QuantName, load_run_config, register_configs
 
 KEYS = {"run": "the run folder train.py wrote (required)",
@@ -174,13 +173,10 @@ def export(args: dict) -> Path:
     saved = yaml.safe_load((run / "config.yaml").read_text())
     metrics = records.read_metrics(run) or {}
     model, tokenizer, how = load_merged(cfg, run, args.get("dtype", "auto"))
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    model_card(cfg, saved, metrics, how, run, out).save(tmp / "README.md")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with files.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        model_card(cfg, saved, metrics, how, run, out).save(tmp / "README.md")
     print(f"[ftexp] exported {run} to {out}: {how}", flush=True)
     if args.get("push_to_hub"):
         push(out, args["push_to_hub"])

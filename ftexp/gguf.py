@@ -19,11 +19,10 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
-from ftexp.cache import locked
+from ftexp import files
 from ftexp.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -128,14 +127,11 @@ def convert(file: Path, out: Path, dtype) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / DONE).write_text(json.dumps({"source": str(file), "dtype": str(loaded.dtype),
-                                        "convert_s": round(time.perf_counter() - start, 1)}))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with files.atomic_dir(out) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / DONE).write_text(json.dumps({"source": str(file), "dtype": str(loaded.dtype),
+                                            "convert_s": round(time.perf_counter() - start, 1)}))
     log.info("converted in %.1f s", time.perf_counter() - start)
     return out
 
@@ -148,7 +144,7 @@ def plain_copy(mcfg, cache_dir: str | None, fallback: Path, dtype) -> Path:
     dtype_name = str(dtype).replace("torch.", "")
     if cache_dir:
         out = Path(os.path.expanduser(str(cache_dir))) / "gguf" / f"{file_hash(file)[:24]}-{dtype_name}"
-        with locked(out.with_suffix(".lock")):  # parallel sweep workers convert once
+        with files.locked(out.with_suffix(".lock")):  # parallel sweep workers convert once
             if not (out / DONE).exists():
                 convert(file, out, dtype)
         return out

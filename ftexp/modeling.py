@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from ftexp import architecture, gguf, tiny
+from ftexp import architecture, files, gguf, tiny
 from ftexp.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -67,13 +66,10 @@ def build_tiny(mcfg, texts, seed: int, out_dir: Path):
     model = tiny.build_model(config, seed)
     # Written under a temporary name and renamed when whole: a kill or a full disk never
     # leaves a half-written base_model/ for the next run to trip over.
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / TINY_MADE_BY).write_text(json.dumps(tiny_recipe(mcfg, seed), sort_keys=True))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with files.atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / TINY_MADE_BY).write_text(json.dumps(tiny_recipe(mcfg, seed), sort_keys=True))
     return out_dir
 
 

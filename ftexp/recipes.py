@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import set_seed
 
 from ftexp import data as data_mod
-from ftexp import architecture, distributed, evaluation, judge, memory, modeling, records, sweep, training
+from ftexp import architecture, distributed, evaluation, files, judge, memory, modeling, records, sweep, training
 from ftexp.config import ConfigError, validate
 from ftexp.tasks import build_task, check_objective
 
@@ -161,7 +161,7 @@ class EpochResultWriter:
         records.write_config(cfg, folder)
         every, step = cfg.train.eval_every, state.global_step
         logged = training.read_log(self.run.dir / "train_log.jsonl")
-        records.atomic_write(folder / "train_log.jsonl",
+        files.atomic_write(folder / "train_log.jsonl",
                              "".join(json.dumps(row) + "\n" for row in training.rows_until(logged, step, every)))
         if cfg.train.save_model:
             out = folder / ("adapter" if cfg.lora.enabled else "model")

@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import traceback
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from ftexp import files
 from ftexp.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,28 +59,6 @@ def write_config(cfg: DictConfig, run_dir: Path) -> None:
     OmegaConf.save(OmegaConf.create(config_dict(cfg)), run_dir / "config.yaml")
 
 
-@contextmanager
-def atomic_path(path: Path):
-    """A temporary path beside ``path`` to write to. When the block ends without an error it replaces
-    ``path`` in one step, so a reader, or another process writing the same file, never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # same suffix: same format
-    try:
-        yield tmp
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write text (UTF-8) or bytes to ``path`` in one step."""
-    with atomic_path(path) as tmp:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data, encoding="utf-8")
-
-
 def _plain(v):
     if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
         return None
@@ -89,7 +67,7 @@ def _plain(v):
 
 def write_metrics(metrics: dict, run_dir: Path, name: str = "metrics.json") -> None:
     text = json.dumps({k: _plain(v) for k, v in metrics.items()}, indent=2, sort_keys=True) + "\n"
-    atomic_write(run_dir / name, text)
+    files.atomic_write(run_dir / name, text)
 
 
 def read_metrics(run_dir: Path) -> dict | None:
@@ -121,7 +99,7 @@ def write_failure(run_dir: Path, exc: BaseException, values: dict | None = None)
     if values:
         record["values"] = dict(values)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(run_dir) / "failed.json", json.dumps(record, indent=2) + "\n")
+    files.atomic_write(Path(run_dir) / "failed.json", json.dumps(record, indent=2) + "\n")
     return line
 
 
@@ -135,7 +113,7 @@ def write_pruned(run_dir: Path, step: int, epoch: float, objective: str, value: 
     rows was ``value`` (the report lists the run as pruned, with that step)."""
     record = {"status": "pruned", "step": step, "epoch": epoch, "objective": objective, "value": value,
               "reason": reason}
-    atomic_write(Path(run_dir) / "pruned.json", json.dumps(record, indent=2) + "\n")
+    files.atomic_write(Path(run_dir) / "pruned.json", json.dumps(record, indent=2) + "\n")
 
 
 # Keys that say where a run is written or logged, or where caches live - not what it computes.
@@ -232,29 +210,20 @@ LOCK = ".ftexp.lock"
 def owned(run_dir: Path):
     """Hold ``run_dir`` for one live run: a second run into the same folder is refused.
 
-    An advisory lock (flock) on ``.ftexp.lock``: the kernel drops it when its process
+    An advisory lock (``files.locked``) on ``.ftexp.lock``: the kernel drops it when its process
     dies, so the folder of a killed run is taken over by the next one at once.
     """
-    import fcntl
-
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(run_dir / LOCK, "a+")
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        with files.locked(run_dir / LOCK, wait=False) as fh:
             fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise ConfigError(f"output_dir={run_dir} is in use by a live run ({holder}). Wait for it to finish, "
-                              "or give this run another output_dir.") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        fh.flush()
-        yield run_dir
-    finally:
-        fh.close()  # closing releases the lock
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            fh.flush()
+            yield run_dir
+    except files.Busy as busy:
+        raise ConfigError(f"output_dir={run_dir} is in use by a live run ({busy.holder}). Wait for it to finish, "
+                          "or give this run another output_dir.") from None
 
 
 def write_predictions(rows: list[dict], run_dir: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from ftexp import intervals, records
+from ftexp import files, intervals, records
 from ftexp.tasks import KINDS, metric_direction
 from ftexp.tasks.base import JUDGE_BOOKKEEPING
 
@@ -415,15 +415,15 @@ def write_report(sweep_dir: Path, baselines: list[Path] = (), out_dir: Path | No
     and results.png; return their paths."""
     table, out = Table(Path(sweep_dir), list(baselines)), Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records.atomic_write(out / "results.md", table.markdown())
+    files.atomic_write(out / "results.md", table.markdown())
     metrics = [c for name, _ in table.metric_cols  # each mean with its std over seeds and its interval
                for c in (name, f"{name} std", *((f"{name} lo", f"{name} hi") if name not in COUNTS else ()))]
     tests = [f"vs {label}{part}" for label in table.compared for part in ("", " lo", " hi", " test")]
-    with records.atomic_path(out / "results.csv") as tmp:
+    with files.atomic_path(out / "results.csv") as tmp:
         table.cells[["Method", "# training data", "epochs", "max_steps", *table.extra_axes, *metrics, *tests, *COSTS,
                      "Intermediate objective", "Seeds", "Status", "Runs"]].to_csv(tmp, index=False,
                                                                                  lineterminator="\r\n")
-    with records.atomic_path(out / "results.png") as tmp:
+    with files.atomic_path(out / "results.png") as tmp:
         table.plot(tmp)
     return [out / "results.md", out / "results.csv", out / "results.png"]
 

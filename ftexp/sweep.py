@@ -8,7 +8,6 @@ failure as ``failed.json`` in the run directory instead of letting it end the sw
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
 import itertools
 import json
@@ -27,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sqlalchemy.engine import make_url
 
-from ftexp import distributed, records
+from ftexp import distributed, files, records
 
 
 def parse_value(text: str) -> Any:
@@ -126,12 +125,8 @@ def claim_lock(storage_url: str) -> Iterator[None]:
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         yield
         return
-    with open(f"{url.database}.claim", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with files.locked(Path(f"{url.database}.claim")):
+        yield
 
 
 def study_location(sweep_dir: Path, storage: str | None, study_name: str | None) -> tuple[str, str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ftexp import architecture, cache
+from ftexp import architecture, files
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def cpu_peak_flops(dtype: torch.dtype, cache_dir: str | None) -> float:
         _MEASURED[key] = matmul_flops(dtype)
         return _MEASURED[key]
     file = Path(cache_dir).expanduser() / "hardware" / "cpu_peak_flops.json"
-    with cache.locked(file.with_suffix(".lock")):  # parallel sweep workers measure once, not all at once
+    with files.locked(file.with_suffix(".lock")):  # parallel sweep workers measure once, not all at once
         try:
             known = json.loads(file.read_text()) if file.exists() else {}
         except json.JSONDecodeError:
@@ -213,9 +213,7 @@ def cpu_peak_flops(dtype: torch.dtype, cache_dir: str | None) -> float:
         if key not in known:
             known[key] = matmul_flops(dtype)
             log.info("peak FLOP/s of %s: %.3g (measured; cached in %s)", key, known[key], file)
-            tmp = file.with_name(file.name + ".tmp")
-            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-            tmp.replace(file)
+            files.atomic_write(file, json.dumps(known, indent=1, sort_keys=True))
     _MEASURED[key] = float(known[key])
     return _MEASURED[key]
 
