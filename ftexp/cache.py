@@ -22,11 +22,20 @@ import os
 from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets, load_from_disk
-from trl.data_utils import common_prefix_length
 
 from ftexp import files
 
 log = logging.getLogger(__name__)
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two id sequences share."""
+    k = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        k += 1
+    return k
 
 
 def tokenize_prompt_completion(tokenizer, prompts, completions) -> dict:

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftexp import architecture
+from ftexp.cache import common_prefix_length
 from ftexp.cli import command_line_keys
 from ftexp.config import ConfigError, EvalConfig, load_run_config
 from ftexp.metrics import evaluate_library
@@ -253,7 +254,7 @@ def answer_split(tokenizer, prompt: str, answers: Sequence[str],
     leaves a context one token shorter than the prompt (as training sees that text)."""
     head = prompt_ids if prompt_ids is not None else tokenizer(prompt)["input_ids"]
     wholes = [tokenizer(prompt + a)["input_ids"] for a in answers]
-    cut = min(_common_prefix(head, w) for w in wholes)
+    cut = min(common_prefix_length(head, w) for w in wholes)
     return head[:cut], [check_label_word(tokenizer, a, w[cut:]) for a, w in zip(answers, wholes)]
 
 
@@ -353,13 +354,6 @@ def _causal_logprobs(model, prompt_ids, option_ids, pad, sizer: BatchSize, devic
 
     sizer.run(pairs, pair_step, "likelihood", length=lambda ij: len(prompt_ids[ij[0]]) + len(option_ids[ij[1]]))
     return scores
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    k = 0
-    while k < min(len(a), len(b)) and a[k] == b[k]:
-        k += 1
-    return k
 
 
 def _shared_prefix(seqs: list[list[int]]) -> list[int]:

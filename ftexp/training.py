@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
+from transformers import DataCollatorWithFlattening, EarlyStoppingCallback, PrinterCallback, TrainerCallback
 
 from ftexp import distributed, loss, throughput
 from ftexp.cache import tokenized_prefix
@@ -499,6 +499,27 @@ def head_has_adapter(model) -> bool:
     return isinstance(head, BaseTunerLayer)
 
 
+def completion_collator(pad_token_id: int, padding_free: bool = False):
+    """Batches of prepared rows (``sft_rows``: input_ids and labels, -100 off the completion) for
+    transformers' Trainer: right-padded with ``pad_token_id``, labels with -100, and an attention
+    mask; or, ``padding_free``, laid end to end with position ids (transformers'
+    ``DataCollatorWithFlattening``). The other columns (length, completion_mask) are left out."""
+    if padding_free:
+        flatten = DataCollatorWithFlattening(return_position_ids=True)
+        return lambda rows: flatten([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+
+    def collate(rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        pad = [width - len(r["input_ids"]) for r in rows]
+        return {
+            "input_ids": torch.tensor([list(r["input_ids"]) + [pad_token_id] * k for r, k in zip(rows, pad)]),
+            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * k for r, k in zip(rows, pad)]),
+            "labels": torch.tensor([list(r["labels"]) + [-100] * k for r, k in zip(rows, pad)]),
+        }
+
+    return collate
+
+
 def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to,
                                callbacks, timings: dict | None = None, eval_data=None):
     """Decoder-only training when lm_head carries a LoRA adapter (the CommonLit study's setup).
@@ -510,15 +531,13 @@ def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Pa
     own collator.
     """
     from transformers import Trainer, TrainingArguments
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     args = TrainingArguments(**common_args(cfg, out_dir, device, report_to), remove_unused_columns=False,
                              label_names=["labels"])
     start = time.perf_counter()
     data, _ = sft_rows(cfg, tokenizer, train_records)  # the rows SFTTrainer gets
     _took(timings, start)
-    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
-                                               padding_free=bool(cfg.train.packing or cfg.train.padding_free))
+    collator = completion_collator(tokenizer.pad_token_id, padding_free=bool(cfg.train.packing or cfg.train.padding_free))
     trainer = trainer_class(Trainer)(model=model, args=args, train_dataset=data, eval_dataset=eval_data,
                                      data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
     trainer.head_positions_only = loss.runs_on(model, device, head_adapter=True)

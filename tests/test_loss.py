@@ -84,3 +84,16 @@ def test_where_trl_scores_labelled_positions_itself_its_loss_stays(tmp_path):
     assert loss.runs_on(model, "cpu", head_adapter=False)
     assert not loss.runs_on(model, "cuda:0", head_adapter=False)  # TRL's Triton head reads labelled rows only
     assert loss.runs_on(model, "cuda:0", head_adapter=True)  # TRL's head would bypass the adapter
+
+
+def test_the_head_adapter_collator_pads_rows_and_masks_the_padding():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "length": 3, "completion_mask": [0, 1, 1]},
+            {"input_ids": [8], "labels": [8], "length": 1, "completion_mask": [1]}]
+    batch = training.completion_collator(pad_token_id=0)(rows)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    flat = training.completion_collator(pad_token_id=0, padding_free=True)(rows)
+    assert flat["input_ids"].tolist() == [[5, 6, 7, 8]] and flat["position_ids"].tolist() == [[0, 1, 2, 0]]
+    assert flat["labels"].tolist() == [[-100, 6, 7, -100]]  # a row's first token predicts nothing across rows

@@ -93,3 +93,20 @@ def test_the_check_sees_a_cycle_and_a_function_level_import(tmp_path, monkeypatc
         assert "b.py:4 in f()" in str(err)
     else:
         raise AssertionError("the function-level import went unseen")
+
+
+def test_trl_is_used_through_the_names_it_exports():
+    """TRL's internals move between releases; ftexp imports only what ``trl`` itself exports."""
+    import trl
+
+    found = []
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "trl":
+                for alias in node.names:
+                    if node.module != "trl" or not hasattr(trl, alias.name):
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno} from {node.module} import {alias.name}")
+            elif isinstance(node, ast.Import):
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} import {a.name}" for a in node.names
+                          if a.name.startswith("trl.")]
+    assert found == [], "\n".join(found)
