@@ -100,7 +100,8 @@ def training_command(saved: dict) -> str:
 
 
 def _value(v) -> str:
-    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    """A value as a Hydra override writes it: null, true/false, [lists] and {dicts} as JSON does."""
+    return json.dumps(v) if v is None or isinstance(v, (bool, list, dict)) else str(v)
 
 
 def model_card(cfg, saved: dict, metrics: dict, how: str, run: Path, out: Path):
