@@ -23,7 +23,7 @@ import optuna
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from sqlalchemy.engine import make_url
 
 from ftexp import distributed, files, records
@@ -88,9 +88,19 @@ SWEPT_ENV = "FTEXP_SWEPT"
 
 
 def swept_values(cfg) -> dict:
-    """{short name: value} of the keys this sweep trial varies (``SWEPT_ENV``); {} outside a sweep."""
+    """{short name: value} of the keys this sweep trial varies (``SWEPT_ENV``); {} outside a sweep. A swept
+    config group gives the option chosen, and a name that is also a top-level config key goes under
+    ``swept/``."""
     keys = [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
-    return {name: OmegaConf.select(cfg, key) for key, name in short_names(keys).items()}
+    out = {}
+    for key, name in short_names(keys).items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, DictConfig):  # a config group (lora=default,qv): the option chosen
+            value = value.get("name")
+        elif isinstance(value, ListConfig):
+            value = OmegaConf.to_container(value)
+        out[f"swept/{name}" if name in cfg else name] = value  # never over a section of the config itself
+    return out
 
 
 def run_name(values: dict) -> str:

@@ -245,3 +245,13 @@ def test_a_sweep_group_that_does_not_exist_lists_the_ones_that_do():
     with pytest.raises(Exception) as err:
         compose_sweep("+sweep=nope")
     assert "sst2_study" in str(err.value) and "rank_search" in str(err.value)
+
+
+def test_the_swept_values_for_wandb_are_plain_and_never_replace_a_config_section(monkeypatch):
+    cfg = OmegaConf.create({"train": {"n": 100, "seed": 1}, "data": {"seed": 2}, "lora": {"name": "qv", "r": 8},
+                            "objective": "eval/accuracy"})
+    monkeypatch.setenv(sw.SWEPT_ENV, "train.n,train.seed,data.seed,lora,objective")
+    assert sw.swept_values(cfg) == {"n": 100, "train.seed": 1, "data.seed": 2, "swept/lora": "qv",
+                                    "swept/objective": "eval/accuracy"}
+    monkeypatch.delenv(sw.SWEPT_ENV)
+    assert sw.swept_values(cfg) == {}
