@@ -527,8 +527,8 @@ def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Pa
     TRL's SFTTrainer refuses such a model: its loss reads log-probabilities straight
     from ``lm_head.weight``, so an adapter there would never train. transformers'
     Trainer computes the loss through the model's own head instead (at labelled
-    positions only, ftexp.loss), on the same prepared rows (``sft_rows``) with TRL's
-    own collator.
+    positions only, ftexp.loss), on the same prepared rows (``sft_rows``) with
+    ``completion_collator``.
     """
     from transformers import Trainer, TrainingArguments
 
