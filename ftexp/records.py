@@ -118,13 +118,22 @@ def write_pruned(run_dir: Path, step: int, epoch: float, objective: str, value: 
 
 # Keys that say where a run is written or logged, or where caches live - not what it computes.
 # epoch_results only adds folders for earlier epochs; the run's own results are the same with or without it.
-NON_EXPERIMENT_KEYS = ("output_dir", "run_name", "logger", "cache_dir", "epoch_results")
+# Settings that say where a run goes, how it is logged, or how evaluation batches its rows, not what
+# the run computes (evaluation gives the same outputs at any batch shape): a finished run is reused,
+# and its folder taken over, whatever they are; a sweep's table does not show them as axes.
+NON_EXPERIMENT_KEYS = ("output_dir", "run_name", "logger", "cache_dir", "epoch_results", "eval.batch_size",
+                       "eval.batch_tokens")
+
+
+def is_experiment_key(key: str) -> bool:
+    """Whether a dotted config key takes part in what a run computes (see ``NON_EXPERIMENT_KEYS``)."""
+    return not any(key == k or key.startswith(k + ".") for k in NON_EXPERIMENT_KEYS)
 
 
 def experiment_fingerprint(config: dict) -> str:
-    """The resolved config minus where/how it is logged, as canonical JSON: equal for two runs
+    """The resolved config minus ``NON_EXPERIMENT_KEYS``, as canonical JSON: equal for two runs
     that compute the same thing."""
-    kept = {k: v for k, v in config.items() if k not in NON_EXPERIMENT_KEYS}
+    kept = {k: v for k, v in flatten(config).items() if is_experiment_key(k)}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -160,8 +169,8 @@ def flatten(node, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, config: dict) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, new value) where two resolved configs differ (logging keys aside)."""
-    a = flatten({k: v for k, v in saved.items() if k not in NON_EXPERIMENT_KEYS})
-    b = flatten({k: v for k, v in config.items() if k not in NON_EXPERIMENT_KEYS})
+    a = {k: v for k, v in flatten(saved).items() if is_experiment_key(k)}
+    b = {k: v for k, v in flatten(config).items() if is_experiment_key(k)}
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
             if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str)]
 

@@ -162,7 +162,7 @@ class Table:
                               "failed.json or pruned.json." if sweep_dir.exists() else f"{sweep_dir} does not exist.")
         fill_partial_configs(runs)
         configs = [r.config for r in runs if r.config]  # swept: the keys whose value differs between runs
-        keys = dict.fromkeys(k for c in configs for k in c if k.split(".")[0] not in records.NON_EXPERIMENT_KEYS)
+        keys = dict.fromkeys(k for c in configs for k in c if records.is_experiment_key(k))
         self.axes = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
         keys, rows = [a for a in self.axes if a != "train.seed"], []
         self.extra_axes = [a for a in keys if a not in SHOWN_ELSEWHERE]  # shown in columns of their own

@@ -89,6 +89,19 @@ def test_a_different_config_into_a_finished_run_is_refused_and_its_files_kept(tm
     assert again == json.loads((tmp_path / "metrics.json").read_text())
 
 
+def test_a_finished_run_is_reused_whatever_the_evaluation_batches(tmp_path):
+    """eval.batch_size and eval.batch_tokens shape batches, not results: a finished run is reused when
+    they change, and when its config.yaml predates eval.batch_tokens."""
+    first = recipes.finetune(compose_cfg([], tmp_path))
+    before = _digest(tmp_path)
+    assert recipes.finetune(compose_cfg(["eval.batch_size=4", "eval.batch_tokens=null"], tmp_path)) == first
+    saved = tmp_path / "config.yaml"
+    saved.write_text("\n".join(line for line in saved.read_text().splitlines() if "batch_tokens" not in line) + "\n")
+    assert recipes.finetune(compose_cfg([], tmp_path)) == first
+    assert {k: v for k, v in _digest(tmp_path).items() if k != "config.yaml"} == \
+        {k: v for k, v in before.items() if k != "config.yaml"}  # nothing trained or written again
+
+
 def test_a_second_live_run_in_the_folder_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
     with records.owned(tmp_path):
         with pytest.raises(ConfigError, match=r"in use by a live run \(pid %d" % os.getpid()):
