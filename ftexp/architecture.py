@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRESET_DIR = Path(__file__).resolve().parent / "presets"

@@ -48,7 +48,8 @@ from omegaconf import OmegaConf, open_dict
 from transformers import PrinterCallback, TrainerCallback
 
 from ftexp import architecture, evaluation, gguf, gpu_check, memory, modeling, presets, recipes, throughput, training
-from ftexp.config import ConfigError, validate
+from ftexp.config import validate
+from ftexp.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "../shared/data/SST-2"  # relative to the repository root

@@ -10,7 +10,7 @@ import sys
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp.distributed import is_main
 
 log = logging.getLogger("ftexp")

@@ -19,10 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from ftexp.distributed import register_resolver
-
-
-class ConfigError(ValueError):
-    """A config that cannot run. The message says which key and what to do."""
+from ftexp.errors import ConfigError  # noqa: F401  (also reached as ftexp.config.ConfigError)
 
 
 # --------------------------------------------------------------------------- choices

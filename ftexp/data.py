@@ -16,7 +16,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 
 from ftexp import synthetic
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ftexp import architecture
 from ftexp.cache import common_prefix_length
 from ftexp.cli import command_line_keys
-from ftexp.config import ConfigError, EvalConfig, load_run_config
+from ftexp.config import EvalConfig, load_run_config
+from ftexp.errors import ConfigError
 from ftexp.metrics import evaluate_library
 from ftexp.tasks.base import join_answer
 from ftexp.tasks.classification import check_label_word

@@ -30,7 +30,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from ftexp import files, modeling, records
-from ftexp.config import ConfigError, QuantName, load_run_config, register_configs
+from ftexp.config import QuantName, load_run_config, register_configs
+from ftexp.errors import ConfigError
 
 KEYS = {"run": "the run folder train.py wrote (required)",
         "out": "where the model goes (default: <run>/export)",

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ftexp import files
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

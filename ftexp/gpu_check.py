@@ -4,7 +4,7 @@ attention, 2-GPU DDP; SmolLM2 from its GGUF file on the real SST-2 files) and wr
 report: each test's outcome and wall time, and the figures its run wrote to metrics.json (training
 time, tokens per second, MFU against the card's data-sheet peak, peak memory in training and in
 evaluation, weight memory, accuracy). It needs a checkout of the repository (the tests are not
-installed with the package) and finishes in a few minutes on one H100.
+installed with the package). It is sized to finish in a few minutes on one GPU; no GPU has run it yet.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from ftexp import architecture, evaluation, gguf, modeling
-from ftexp.config import ConfigError, ModelConfig, QuantConfig
+from ftexp.config import ModelConfig, QuantConfig
+from ftexp.errors import ConfigError
 from ftexp.tasks.base import chat_prompt
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ftexp import architecture
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ftexp import architecture, files, gguf, tiny
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

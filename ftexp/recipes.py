@@ -19,7 +19,8 @@ from transformers import set_seed
 
 from ftexp import data as data_mod
 from ftexp import architecture, distributed, evaluation, files, judge, memory, modeling, records, sweep, training
-from ftexp.config import ConfigError, validate
+from ftexp.config import validate
+from ftexp.errors import ConfigError
 from ftexp.tasks import build_task, check_objective
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ftexp import files
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

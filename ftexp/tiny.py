@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp.tasks import build_task
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"

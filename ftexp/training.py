@@ -33,7 +33,7 @@ from transformers import DataCollatorWithFlattening, EarlyStoppingCallback, Prin
 
 from ftexp import distributed, loss, throughput
 from ftexp.cache import tokenized_prefix
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp.tasks import metric_direction
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, compose_cfg
 from ftexp import records
-from ftexp.config import ConfigError, validate
+from ftexp.config import validate
+from ftexp.errors import ConfigError
 
 GROUPS = ["model", "quant", "lora", "data", "task", "logger", "train", "eval"]
 

@@ -8,7 +8,7 @@ from omegaconf import open_dict
 
 from conftest import compose_cfg
 from ftexp import data
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 
 def _sst2(shared_data, **extra):

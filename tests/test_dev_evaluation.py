@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from conftest import compose_cfg
 from ftexp import data, recipes
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 TIMINGS = ("runtime", "per_s", "per_second", "mfu", "prep_s", "peak_memory")
 

@@ -12,7 +12,7 @@ from transformers import TrainerControl, TrainerState
 
 from conftest import compose_cfg
 from ftexp import recipes
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp.training import EpochResults
 
 # 24 rows in batches of 8: three steps an epoch, logged every 5 steps and evaluated on held-out rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CONF, compose_cfg
+from conftest import compose_cfg
 
 PAIRS = [
     ("dialogsum", "summarization", "eval/rougeL"),

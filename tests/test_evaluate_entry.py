@@ -13,7 +13,7 @@ from omegaconf import open_dict
 from conftest import compose_cfg, run_script
 from ftexp import evaluation, recipes
 from ftexp.cli import quote_paths
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import compose_cfg
 from ftexp import evaluation, tiny
-from ftexp.config import ConfigError, EvalMethod
+from ftexp.config import EvalMethod
+from ftexp.errors import ConfigError
 from ftexp.tasks import build_task
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "paper", "glass", "storm", "piano", "candle", "forest"]

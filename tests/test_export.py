@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, compose_cfg
 from ftexp import evaluation, export, modeling, recipes, records
-from ftexp.config import ConfigError, load_run_config
+from ftexp.config import load_run_config
+from ftexp.errors import ConfigError
 
 
 @pytest.fixture(scope="module", params=["default", "none"])

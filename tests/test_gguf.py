@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ftexp import gguf
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 
 def _model(**kw):

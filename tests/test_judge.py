@@ -12,7 +12,8 @@ import torch
 
 from conftest import compose_cfg
 from ftexp import judge, recipes
-from ftexp.config import ConfigError, validate
+from ftexp.config import validate
+from ftexp.errors import ConfigError
 
 DIALOGSUM = ["data=dialogsum", "task=summarization", "eval.n=4", "train.max_steps=2",
              "task.generation.max_new_tokens=8"]

@@ -24,7 +24,8 @@ from omegaconf import open_dict
 
 from conftest import compose_cfg
 from ftexp import judge, recipes
-from ftexp.config import ConfigError, validate
+from ftexp.config import validate
+from ftexp.errors import ConfigError
 from ftexp.tasks import build_task
 
 SECRET = "sk-test-7f3a9c-NEVER-WRITE-ME"

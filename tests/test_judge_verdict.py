@@ -13,7 +13,8 @@ import pytest
 
 from conftest import compose_cfg
 from ftexp import judge, records
-from ftexp.config import ConfigError, validate
+from ftexp.config import validate
+from ftexp.errors import ConfigError
 from ftexp.report import Cell, Run, Table, metric_columns
 from ftexp.tasks import build_task
 

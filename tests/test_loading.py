@@ -11,7 +11,7 @@ import torch
 
 from conftest import compose_cfg
 from ftexp import modeling, recipes
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 SMALL = ["model=tiny_falcon", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128",
          "model.tiny.vocab_size=300", "++data.generator.train_size=32", "cache_dir=null"]

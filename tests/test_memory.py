@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg
 from ftexp import memory, modeling, recipes
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 
 def _q(name, double=True):

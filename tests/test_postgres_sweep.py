@@ -15,7 +15,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
 
 from conftest import ROOT
 from test_sweep_runs import cells_of, env, sweep_cmd

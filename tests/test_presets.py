@@ -8,7 +8,7 @@ import pytest
 
 from conftest import CONF, compose_cfg
 from ftexp import architecture, presets
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 # experiment preset -> (trainable params, all params incl. adapters, LoRA targets): the studies' printed numbers
 PUBLISHED = {

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, compose_cfg
 from ftexp import recipes, records, training
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 
 RESUMABLE = ["train.max_steps=12", "train.save_steps=4", "train.logging_steps=1"]
 

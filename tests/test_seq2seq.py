@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from conftest import compose_cfg
 from ftexp import modeling, recipes, training
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp.tasks import build_task
 
 SMALL = ["model=tiny_t5", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128",

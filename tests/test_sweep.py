@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ftexp import records, tasks
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp import sweep as sw
 from conftest import CONF, ROOT
 

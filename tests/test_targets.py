@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from conftest import compose_cfg
 from ftexp import architecture, modeling, recipes, training
 from ftexp.cache import tokenized_prefix
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp.tasks import build_task
 
 TWINS = {"llama": "tiny", "falcon": "tiny_falcon", "t5": "tiny_t5", "gpt_neox": "tiny_gpt_neox"}

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import compose_cfg
 from ftexp import data as data_mod
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp.tasks import build_task
 from ftexp.tasks.scoring import parse_fields
 

@@ -8,7 +8,7 @@ from rouge_score import rouge_scorer
 
 from conftest import compose_cfg
 from ftexp import data as data_mod
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp.tasks import build_task
 from ftexp.tasks.summarization import ROUGE_TYPES
 

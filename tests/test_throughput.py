@@ -14,7 +14,8 @@ from omegaconf import OmegaConf, open_dict
 from conftest import compose_cfg, tiny_setup
 from ftexp import architecture, modeling, throughput, training
 from ftexp.cache import tokenized_prefix
-from ftexp.config import ConfigError, validate
+from ftexp.config import validate
+from ftexp.errors import ConfigError
 
 
 def _setup(cfg, tmp_path):

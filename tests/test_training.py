@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import compose_cfg, tiny_setup
 from ftexp import modeling, recipes, training
-from ftexp.config import ConfigError, validate
+from ftexp.config import validate
+from ftexp.errors import ConfigError
 from ftexp.tasks import build_task
 
 CONTRACT_KEYS = ["train/loss_first", "train/loss_last", "train/runtime_s", "train/samples", "train/tokens_per_s",

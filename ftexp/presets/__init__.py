@@ -19,7 +19,8 @@ from hydra import compose as hydra_compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ftexp import architecture, memory, modeling
-from ftexp.config import ConfigError, register_configs
+from ftexp.config import register_configs
+from ftexp.errors import ConfigError
 
 
 def count_trainable(model_cfg, lora_cfg) -> dict:

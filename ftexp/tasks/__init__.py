@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import re
 
-from ftexp.config import ConfigError, TASK_KINDS
+from ftexp.config import TASK_KINDS
+from ftexp.errors import ConfigError
 from ftexp.tasks.base import JUDGE_METRICS, RUN_METRICS, Metric
 from ftexp.tasks.classification import ClassificationTask
 from ftexp.tasks.qa import QATask

@@ -9,7 +9,7 @@ import re
 from collections import Counter
 from typing import Sequence
 
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp.metrics import classification_scores
 from ftexp.tasks.base import Metric, Task
 

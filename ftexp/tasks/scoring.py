@@ -30,7 +30,7 @@ import math
 import re
 from typing import Sequence
 
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp.tasks.base import Metric, Task
 
 _NUMBER = re.compile(r"[ \t]*(?:\*\*|\*|__)?[ \t]*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)(?![\d.])")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ftexp.config import ConfigError
+from ftexp.errors import ConfigError
 from ftexp.metrics import load_metric
 from ftexp.tasks.base import Metric, Task
 
