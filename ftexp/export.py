@@ -60,27 +60,22 @@ def parse(argv: list[str]) -> dict:
 
 def load_merged(cfg, run: Path, dtype: str):
     """(model, tokenizer, how): the run's model as plain transformers weights on the CPU."""
+    q = cfg.quant
+    trained_on = None if q.name == "none" else ("4-bit " + str(q.bnb_4bit_quant_type) if q.load_in_4bit else "8-bit")
     with open_dict(cfg):
         if dtype != "auto":
             cfg.model.dtype = dtype
-        quantized = cfg.quant.name != "none"
-        cfg.quant.name, cfg.quant.load_in_8bit, cfg.quant.load_in_4bit = QuantName.none, False, False
+        q.name, q.load_in_8bit, q.load_in_4bit = QuantName.none, False, False
     model, tokenizer = modeling.load_trained(cfg, run, "cpu")
     if not cfg.lora.enabled:
         return model, tokenizer, "the fully fine-tuned weights, saved as they were trained"
     merged = model.merge_and_unload()
     how = "the LoRA adapter merged into the base model's weights (peft merge_and_unload)"
-    if quantized:
-        how += (f"; the run trained the adapter on a {quantized_name(run)} base, and it is merged here into the "
+    if trained_on:
+        how += (f"; the run trained the adapter on a {trained_on} base, and it is merged here into the "
                 f"unquantized base loaded in {next(merged.parameters()).dtype}, so outputs can differ slightly "
                 "from the run's own evaluation")
     return merged, tokenizer, how
-
-
-def quantized_name(run: Path) -> str:
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    q = saved.get("quant", {})
-    return "4-bit " + str(q.get("bnb_4bit_quant_type", "")) if q.get("load_in_4bit") else "8-bit"
 
 
 def training_command(saved: dict) -> str:

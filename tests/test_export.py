@@ -85,3 +85,16 @@ def test_an_upload_that_fails_keeps_the_folder_and_says_why(trained, tmp_path):
     assert f"The exported folder is kept at {out}" in proc.stderr
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
     assert "Traceback" not in proc.stderr
+
+
+def test_a_qlora_run_merges_into_the_unquantized_base_and_its_card_says_so(tmp_path):
+    run = tmp_path / "qlora"
+    recipes.finetune(compose_cfg(["quant=nf4", "lora=default", "quant.bnb_4bit_compute_dtype=float32",
+                                  "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128",
+                                  "train.max_steps=2", "eval.n=4"], run))
+    out = export.export({"run": str(run), "out": str(tmp_path / "exported")})
+    card = (out / "README.md").read_text()
+    assert "trained the adapter on a 4-bit nf4 base" in card and "unquantized base loaded in torch.float32" in card
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert not hasattr(plain.config, "quantization_config")  # plain float weights, loadable without bitsandbytes
+    assert all(p.dtype == torch.float32 for p in plain.parameters())
