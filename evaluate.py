@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ftexp.cli import objective_value, quote_paths, run_guarded
+from ftexp.cli import command_line_keys, objective_value, quote_paths, run_guarded
 from ftexp.config import register_configs
 
 register_configs()
@@ -50,9 +50,11 @@ def main(cfg: DictConfig) -> float | None:
     from ftexp.evaluation import eval_config
     from ftexp.recipes import evaluate_only
 
+    overrides = command_line_keys()  # with run=<dir>: the evaluation settings that replace the run's own
+
     def evaluate_and_pick(cfg: DictConfig) -> float:
-        metrics = evaluate_only(cfg)
-        return objective_value(metrics, eval_config(cfg).objective)
+        metrics = evaluate_only(cfg, overrides)
+        return objective_value(metrics, eval_config(cfg, overrides).objective)
 
     return run_guarded(evaluate_and_pick, cfg)
 

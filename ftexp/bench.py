@@ -50,6 +50,7 @@ from transformers import PrinterCallback, TrainerCallback
 from ftexp import architecture, evaluation, gguf, gpu_check, memory, modeling, presets, recipes, throughput, training
 from ftexp.config import validate
 from ftexp.errors import ConfigError
+from ftexp.tasks import corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "../shared/data/SST-2"  # relative to the repository root
@@ -452,7 +453,7 @@ def bench_model(name, args, data: Path, ceiling: Ceiling, work: Path) -> tuple[l
     start = time.perf_counter()
     pool, train_rows, eval_rows = recipes.load_data(cfg)
     data_s = time.perf_counter() - start
-    base = modeling.base_model_path(cfg, pool, work)  # tiny: built into work/base_model; GGUF: the cached copy
+    base = modeling.base_model_path(cfg, work, lambda: corpus(cfg, pool))  # tiny: built into work/base_model; GGUF: the cached copy
     cfg = with_keys(cfg, model__name_or_path=str(base), model__gguf_file=None)
     tokenizer = modeling.load_tokenizer(base, cfg.model)
     task = recipes.load_task(cfg, tokenizer, eval_rows)

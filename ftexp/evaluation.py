@@ -24,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftexp import architecture
 from ftexp.cache import common_prefix_length
-from ftexp.cli import command_line_keys
 from ftexp.config import EvalConfig, load_run_config
 from ftexp.errors import ConfigError
 from ftexp.metrics import evaluate_library
+from ftexp.tasks import build_task, metric
 from ftexp.tasks.base import join_answer
 from ftexp.tasks.classification import check_label_word
 
@@ -567,12 +567,13 @@ def metric_names(cfg, task, record: dict) -> set[str]:
     return names
 
 
-def check_objective(cfg, task, eval_rows) -> None:
-    """Refuse an objective this run will not write, before any training.
-
-    ``tasks.check_objective`` has already refused names the task kind does not declare;
-    this check knows the run: its judge, its eval methods and its task's label words."""
+def check_objective(cfg, eval_rows) -> None:
+    """Refuse an objective this run will not write, before any model loads: a name its task kind
+    does not declare (the message lists those), a judge criterion without that judge, or an eval
+    metric its eval methods do not write for its task's label words."""
     objective = str(cfg.objective)
+    metric(objective, str(cfg.task.kind))
+    task = build_task(cfg.task)
     if objective.startswith("judge/"):
         if cfg.judge.name == "none":
             raise ConfigError(f"objective={objective}: this run has no LLM judge (judge=none), so it writes no judge/ "
@@ -679,7 +680,7 @@ def eval_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConf
 
     Without ``run``: ``cfg`` itself (a base model, zero- or k-shot). With
     ``run=<dir>``: the run's saved ``config.yaml``, type-checked against the schema,
-    plus the keys in ``overrides`` (default: those given on the command line) copied
+    plus the keys in ``overrides`` (the entry script passes those given on its command line) copied
     from ``cfg`` when they are evaluation settings (eval.*, task.generation.*,
     data.path, objective); output_dir, run_name, device and logger always come from
     ``cfg``. Any other override is refused: it would describe a different run.
@@ -688,7 +689,7 @@ def eval_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConf
         return cfg
     trained = Path(str(cfg.run))
     out = load_run_config(trained)
-    keys = command_line_keys() if overrides is None else list(overrides)
+    keys = list(overrides or ())
     refused = [k for k in keys if not _under(k, EVAL_OVERRIDABLE + EVAL_INVOCATION)]
     if refused:
         allowed = ", ".join(k + ".*" if k in ("eval", "task.generation") else k for k in EVAL_OVERRIDABLE)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -212,10 +213,10 @@ def load_model(path: str, mcfg, qcfg, device: str):
     return model
 
 
-def base_model_path(cfg, pool, run_dir: Path) -> str:
+def base_model_path(cfg, run_dir: Path, corpus: Callable[[], list[str]] | None = None) -> str:
     """Where the base model loads from: the Hub id or folder as given, the plain copy
     of a GGUF checkpoint, or the tiny model built for this run (``base_model/``, its
-    tokenizer trained on ``pool``, the train split)."""
+    tokenizer trained on the texts ``corpus()`` returns, called only when it is built)."""
     if gguf.is_gguf(cfg.model):
         dtype = architecture.gguf_dtype(cfg.model)
         return str(gguf.plain_copy(cfg.model, cfg.cache_dir, run_dir / "base_model", dtype))
@@ -223,7 +224,9 @@ def base_model_path(cfg, pool, run_dir: Path) -> str:
         return cfg.model.name_or_path
     out = run_dir / "base_model"
     if not tiny_is_current(out, cfg.model, cfg.train.seed):  # missing, partial or made otherwise
-        build_tiny(cfg.model, tiny.corpus(cfg, pool), cfg.train.seed, out)
+        if corpus is None:
+            raise ConfigError(f"{out} holds no tiny base model, and nothing was given to train its tokenizer on.")
+        build_tiny(cfg.model, corpus(), cfg.train.seed, out)
     return str(out)
 
 
@@ -237,7 +240,7 @@ def load_trained(cfg, trained: Path, device: str):
             raise ConfigError(f"run={trained}: no adapter/ (was it trained with train.save_model=false?).")
         if cfg.model.name_or_path == "tiny" and not (trained / "base_model" / "config.json").exists():
             raise ConfigError(f"run={trained}: the tiny base model (base_model/) is missing from the run.")
-        base = str(trained / "base_model") if cfg.model.name_or_path == "tiny" else base_model_path(cfg, None, trained)
+        base = str(trained / "base_model") if cfg.model.name_or_path == "tiny" else base_model_path(cfg, trained)
         tokenizer = load_tokenizer(str(adapter), cfg.model)
         model = PeftModel.from_pretrained(load_model(base, cfg.model, cfg.quant, device), str(adapter))
         return model, tokenizer

@@ -21,7 +21,7 @@ from ftexp import data as data_mod
 from ftexp import architecture, distributed, evaluation, files, judge, memory, modeling, records, sweep, training
 from ftexp.config import validate
 from ftexp.errors import ConfigError
-from ftexp.tasks import build_task, check_objective
+from ftexp.tasks import build_task, corpus
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ class Run:
 
     def __init__(self, cfg: DictConfig, main: bool = True):
         validate(cfg)
-        check_objective(cfg)  # a misspelt objective fails now, with the valid names, not after training
         self.cfg = cfg
         self.dir = records.resolve_run_dir(cfg)
         self.main = main
@@ -90,12 +89,11 @@ def load_data(cfg: DictConfig) -> tuple[Dataset, Dataset, Dataset]:
     return splits["train"], train, evaluation_rows
 
 
-def load_task(cfg: DictConfig, tokenizer, eval_rows):
+def load_task(cfg: DictConfig, tokenizer):
     """The run's task on the model's tokenizer, refused before any training or evaluation
-    when a label word encodes to nothing or the objective is not a metric the run writes."""
+    when a label word encodes to nothing."""
     task = build_task(cfg.task, tokenizer=tokenizer, use_chat_template=cfg.model.use_chat_template)
     task.check_tokenizer(tokenizer)
-    evaluation.check_objective(cfg, task, eval_rows)
     return task
 
 
@@ -168,8 +166,7 @@ class EpochResultWriter:
             out = folder / ("adapter" if cfg.lora.enabled else "model")
             self.model.save_pretrained(out)
             self.tokenizer.save_pretrained(out)
-        metrics = {**self.setup_metrics, **train_metrics, "train/peak_memory_mb": memory.peak_mb(self.run.device),
-                   "train/epoch_results_of": self.run.dir.name}
+        metrics = {**self.setup_metrics, **train_metrics, "train/epoch_results_of": self.run.dir.name}
         if cfg.train.eval_every is not None:
             metrics.update(training.dev_summary(cfg, state, training.rows_until(state.log_history, step, every)))
         rows = None
@@ -217,10 +214,11 @@ def _finetune(run: Run) -> dict:
     with run.started():
         # setup: data, tokenizer, task, model, adapters
         pool, train_rows, eval_rows = load_data(cfg)
+        evaluation.check_objective(cfg, eval_rows)  # the one check, before any model loads
         with distributed.main_first():  # a base model rank 0 writes is read by the others after it
-            base = modeling.base_model_path(cfg, pool, run.dir)
+            base = modeling.base_model_path(cfg, run.dir, lambda: corpus(cfg, pool))
         tokenizer = modeling.load_tokenizer(base, cfg.model)
-        task = load_task(cfg, tokenizer, eval_rows)
+        task = load_task(cfg, tokenizer)
         train_records = task.to_records(train_rows)
         weights = memory.check(cfg.model, cfg.quant, base, run.device)  # refuses a GPU too small
         model = modeling.load_model(base, cfg.model, cfg.quant, run.device)
@@ -236,12 +234,10 @@ def _finetune(run: Run) -> dict:
                    "train/trainable_pct": 100 * trainable / total, **weights}
 
         # train, watched by evaluations on held-out rows and, where asked, writing earlier epochs' results
-        memory.reset_peak(run.device)
         watchers = watch_training(run, model, tokenizer, task, pool, eval_rows, metrics)
         fit = training.train(cfg, model, tokenizer, train_records, run.dir, run.device, run.tracker.report_to,
                              **watchers)
         metrics.update(fit["metrics"])
-        metrics["train/peak_memory_mb"] = memory.peak_mb(run.device)  # this run's, also in a one-process sweep
         trainer = fit["trainer"]
         model = trainer.model
         out = run.dir / ("adapter" if cfg.lora.enabled else "model")
@@ -310,15 +306,16 @@ def evaluate_only(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     with run.owned(), run.started():
         # setup: data, model + tokenizer (trained run or base), task
         pool, _, eval_rows = load_data(cfg)
+        evaluation.check_objective(cfg, eval_rows)  # the one check, before any model loads
         if trained is not None and cfg.judge.name != "none" and (trained / "predictions.jsonl").exists():
             return _judge_saved_predictions(run, trained, eval_rows)
         if trained is not None:
             model, tokenizer = modeling.load_trained(cfg, trained, run.device)
         else:
-            base = modeling.base_model_path(cfg, pool, run.dir)
+            base = modeling.base_model_path(cfg, run.dir, lambda: corpus(cfg, pool))
             tokenizer = modeling.load_tokenizer(base, cfg.model)
             model = modeling.load_model(base, cfg.model, cfg.quant, run.device)
-        task = load_task(cfg, tokenizer, eval_rows)
+        task = load_task(cfg, tokenizer)
 
         # evaluate
         memory.reset_peak(run.device)
@@ -338,7 +335,6 @@ def _judge_saved_predictions(run: Run, trained: Path, eval_rows) -> dict:
     cfg = run.cfg
     rows = [json.loads(line) for line in (trained / "predictions.jsonl").read_text().splitlines() if line.strip()]
     task = build_task(cfg.task)
-    evaluation.check_objective(cfg, task, eval_rows)
     saved = records.read_metrics(trained) or {}
     metrics = {k: v for k, v in saved.items() if k.startswith("eval/")}  # the run's own scores, for the row
     metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, run.device))

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from ftexp import architecture, files
 
@@ -34,17 +35,42 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- counting tokens
 
 
-class TokenCounter:
+class TokenCounter(TrainerCallback):
     """Count the real and the padded tokens of every batch the model trains on.
 
     A forward pre-hook on the model sees exactly the batches that are trained (not the
     ones a data loader fetched ahead). Counts stay on the batch's device until read, so
     counting adds no device-to-host sync to a training step.
+
+    It is the run's one token count. The Trainer's own (``include_num_input_tokens_seen``)
+    stays off: it has no padding figure, counts an encoder-decoder's encoder tokens alone
+    (the attention mask of ``input_ids``), and syncs the device on every micro-batch
+    (``.item()``). As a Trainer callback, the count goes into the Trainer's
+    ``state.num_input_tokens_seen`` whenever a checkpoint is due and at the end, so a resumed
+    run goes on from its checkpoint's figure (``before``).
     """
 
-    def __init__(self, model):
+    def __init__(self, model=None):
         self._sums: dict = {}  # device -> tensor([real, padded])
+        self._handle = None
+        self.before = 0  # real tokens trained before this session (a resumed run's checkpoint)
+        if model is not None:
+            self.watch(model)
+
+    def watch(self, model) -> None:
         self._handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = int(state.num_input_tokens_seen or 0)  # restored from the checkpoint when resuming
+        if self._handle is None and model is not None:
+            self.watch(model)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # set by the Trainer's flow callback, which runs first; every rank agrees
+            state.num_input_tokens_seen = self.before + self.totals()[0]
+
+    def on_train_end(self, args, state, control, **kwargs):
+        state.num_input_tokens_seen = self.before + self.totals()[0]
 
     def _count(self, module, args, kwargs):
         if not module.training:
@@ -84,7 +110,9 @@ class TokenCounter:
         return int(total[0]), int(total[1])
 
     def remove(self) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
 
 # --------------------------------------------------------------------------- FLOPs per token

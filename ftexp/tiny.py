@@ -15,20 +15,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from ftexp.errors import ConfigError
-from ftexp.tasks import build_task
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
-
-
-def corpus(cfg, pool) -> list[str]:
-    """Texts the tiny tokenizer is trained on: the formatted train split ``pool`` (labels
-    included), up to model.tiny.tokenizer_max_texts rows, and the system prompt."""
-    task = build_task(cfg.task)
-    rows = pool.select(range(min(len(pool), cfg.model.tiny.tokenizer_max_texts)))
-    texts = [pair["prompt"] + pair["completion"] for pair in map(task.to_prompt_completion, rows)]
-    if cfg.task.system_prompt:
-        texts.append(cfg.task.system_prompt)
-    return texts
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 4096, *, seq2seq: bool = False) -> PreTrainedTokenizerFast:

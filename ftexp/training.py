@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithFlattening, EarlyStoppingCallback, PrinterCallback, TrainerCallback
 
-from ftexp import distributed, loss, throughput
+from ftexp import distributed, loss, memory, throughput
 from ftexp.cache import tokenized_prefix
 from ftexp.errors import ConfigError
 from ftexp.tasks import metric_direction
@@ -314,6 +314,11 @@ def micro_batch_size(t, device: str) -> int:
     return max(d for d in range(1, min(CPU_MICRO_BATCH, t.batch_size) + 1) if t.batch_size % d == 0)
 
 
+# train.* settings that TrainingArguments takes under the same name
+SAME_NAMED = ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "bf16", "fp16",
+              "logging_steps", "save_total_limit")
+
+
 def common_args(cfg, out_dir: Path, device: str, report_to: list[str]) -> dict:
     t = cfg.train
     micro = micro_batch_size(t, device)
@@ -325,29 +330,21 @@ def common_args(cfg, out_dir: Path, device: str, report_to: list[str]) -> dict:
         gradient_accumulation_steps=t.grad_accum * (t.batch_size // micro),
         num_train_epochs=float(t.epochs or 1.0),
         max_steps=t.max_steps if t.max_steps else -1,
-        learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_steps,
         optim=t.optimizer,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
         data_seed=t.seed,
-        bf16=t.bf16,
-        fp16=t.fp16,
         activation_checkpointing=t.gradient_checkpointing,
-        logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
         report_to=report_to,
         run_name=cfg.run_name,
         use_cpu=device == "cpu",
         train_sampling_strategy=sampling_strategy(t),
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="no",  # throughput.TokenCounter is the run's one count
         disable_tqdm=True,
         dataloader_pin_memory=device == "cuda",
+        **{key: t[key] for key in SAME_NAMED},
     ) | evaluation_args(cfg)
 
 
@@ -609,14 +606,13 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
     schedule (``DevEvaluation``); ``callbacks`` see those evaluations. ``epoch_results`` =
     (epochs, write): ``write(epoch, state, train_metrics)`` at the end of each of those epochs.
     """
+    memory.reset_peak(device)  # train/peak_memory_mb: from here, this run's own (also in a one-process sweep)
     scratch = run_dir / CHECKPOINTS  # the trainer's output_dir: checkpoints only
     resume, resume_step = last_checkpoint(scratch)
-    tokens_before = 0
     if resume is None and cfg.train.save_steps and not cfg.output_dir:
         log.info("checkpoints every %d steps in %s; after a kill, resume with output_dir=%s",
                  cfg.train.save_steps, scratch, run_dir)
     if resume is not None:
-        tokens_before = int(json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen") or 0)
         log.info("resuming from %s (step %d): weights, optimizer, scheduler, RNG and data position restored",
                  resume, resume_step)
     loss_log = LossLog(run_dir / "train_log.jsonl", on_log, resume_step)
@@ -628,7 +624,8 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
         build = build_head_adapter_trainer
     else:
         build = build_sft_trainer
-    hooks = [loss_log, EpochEndsLogged(), *callbacks]
+    counter = throughput.TokenCounter()  # the batches actually trained, this session
+    hooks = [loss_log, EpochEndsLogged(), counter, *callbacks]
     if cfg.train.early_stopping.patience is not None:
         hooks.append(EarlyStoppingCallback(int(cfg.train.early_stopping.patience),
                                            float(cfg.train.early_stopping.threshold)))
@@ -638,7 +635,6 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
     trainer.dev_eval = dev_eval
     trainer.remove_callback(PrinterCallback)  # LossLog reports progress instead of raw dicts
     per_token = throughput.flops_per_token(model, frozen_base=bool(cfg.lora.enabled))  # before any sharding
-    counter = throughput.TokenCounter(trainer.model)  # the batches actually trained, this session
     start = time.perf_counter()
     epochs_cb = None
 
@@ -651,8 +647,8 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
             "train/steps": int(state.global_step),
             "train/samples": len(train_records),
             "train/runtime_s": seconds,
-            # real (non-padding) tokens of all ranks: before a resume as the checkpoint's trainer counted them
-            "train/tokens": tokens_before + real,
+            # real (non-padding) tokens of all ranks, a resumed run's before it included
+            "train/tokens": counter.before + real,
             # tokens/s, padding, FLOPs per token, MFU: this session's (since start or resume), all ranks
             **throughput.metrics(cfg, device, model, per_token, real, padded, seconds, distributed.world_size()),
             "data/prep_s": timings.get("data/prep_s", 0.0),
@@ -661,6 +657,7 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
             "train/world_size": distributed.world_size(),
             "train/global_batch_size": distributed.world_size() * cfg.train.batch_size * cfg.train.grad_accum,
             "train/micro_batch_size": micro_batch_size(cfg.train, device),
+            "train/peak_memory_mb": memory.peak_mb(device),
         }
 
     if epoch_results is not None:

@@ -83,10 +83,10 @@ def one_torch_thread():
 def tiny_setup(cfg, tmp_path):
     """(tokenizer, task, model, training records) of a composed tiny-model config."""
     from ftexp import modeling, recipes
-    from ftexp.tasks import build_task
+    from ftexp.tasks import build_task, corpus
 
     pool, train_rows, _ = recipes.load_data(cfg)
-    base = modeling.base_model_path(cfg, pool, tmp_path)
+    base = modeling.base_model_path(cfg, tmp_path, lambda: corpus(cfg, pool))
     tok = modeling.load_tokenizer(base, cfg.model)
     task = build_task(cfg.task, tokenizer=tok)
     model = modeling.load_model(base, cfg.model, cfg.quant, "cpu")

@@ -12,6 +12,7 @@ import torch
 from conftest import compose_cfg
 from ftexp import modeling, recipes
 from ftexp.errors import ConfigError
+from ftexp.tasks import corpus
 
 SMALL = ["model=tiny_falcon", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128",
          "model.tiny.vocab_size=300", "++data.generator.train_size=32", "cache_dir=null"]
@@ -23,7 +24,7 @@ def refined_web_checkpoint(tmp_path):
     n_head / n_layer, and an auto_map pointing at remote code."""
     cfg = compose_cfg(SMALL, fast=False)
     pool, _, _ = recipes.load_data(cfg)
-    base = modeling.base_model_path(cfg, pool, tmp_path)
+    base = modeling.base_model_path(cfg, tmp_path, lambda: corpus(cfg, pool))
     config_file = tmp_path / "base_model" / "config.json"
     native = json.loads(config_file.read_text())
     (tmp_path / "falcon_native.json").write_text(json.dumps(native))  # what ftexp would ship for it
@@ -60,7 +61,7 @@ def test_quantized_falcon_linears_are_really_quantized(tmp_path):
 
     cfg = compose_cfg([*SMALL, "quant=nf4", "lora=default", "quant.bnb_4bit_compute_dtype=float32"], fast=False)
     pool, _, _ = recipes.load_data(cfg)
-    base = modeling.base_model_path(cfg, pool, tmp_path)
+    base = modeling.base_model_path(cfg, tmp_path, lambda: corpus(cfg, pool))
     model = modeling.load_model(base, cfg.model, cfg.quant, "cpu")
     kinds = {type(m) for n, m in model.named_modules() if n.endswith(("query_key_value", "dense_h_to_4h"))}
     assert kinds == {bnb.nn.Linear4bit}

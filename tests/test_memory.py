@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from conftest import compose_cfg
 from ftexp import memory, modeling, recipes
 from ftexp.errors import ConfigError
+from ftexp.tasks import corpus
 
 
 def _q(name, double=True):
@@ -45,7 +46,7 @@ def test_estimate_matches_the_loaded_model(tmp_path, twin, quant):
                        "model.tiny.hidden_size=128", "model.tiny.intermediate_size=512", "model.tiny.vocab_size=300",
                        "++data.generator.train_size=64"], fast=False)
     pool, _, _ = recipes.load_data(cfg)
-    base = modeling.base_model_path(cfg, pool, tmp_path)
+    base = modeling.base_model_path(cfg, tmp_path, lambda: corpus(cfg, pool))
     est = memory.check(cfg.model, cfg.quant, base, "cpu")
     model = modeling.load_model(base, cfg.model, cfg.quant, "cpu")
     assert est["model/weight_memory_est_mb"] == pytest.approx(memory.measured_mb(model), rel=0.05)

@@ -55,6 +55,8 @@ def test_a_run_killed_after_a_checkpoint_resumes_there_and_ends_like_an_uninterr
     assert resumed["train/steps"] == whole["train/steps"] == 12
     assert resumed["train/loss_first"] == pytest.approx(whole["train/loss_first"], rel=1e-6)
     assert resumed["train/loss_last"] == pytest.approx(whole["train/loss_last"], rel=1e-3)
+    # the token count goes on from the checkpoint's: steps 1-4 there, 5-12 in this session
+    assert resumed["train/tokens"] == whole["train/tokens"]
     assert _steps(run) == _steps(tmp_path / "whole") == list(range(1, 13))  # each step logged once
     assert not (run / "checkpoints").exists()
 

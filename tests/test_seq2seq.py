@@ -12,7 +12,7 @@ from datasets import Dataset
 from conftest import compose_cfg
 from ftexp import modeling, recipes, training
 from ftexp.errors import ConfigError
-from ftexp.tasks import build_task
+from ftexp.tasks import build_task, corpus
 
 SMALL = ["model=tiny_t5", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128",
          "model.tiny.vocab_size=300", "++data.generator.train_size=64", "++data.generator.eval_size=8",
@@ -23,7 +23,7 @@ SMALL = ["model=tiny_t5", "model.tiny.hidden_size=64", "model.tiny.intermediate_
 def t5(tmp_path_factory):
     cfg = compose_cfg(SMALL, fast=False)
     pool, train_rows, _ = recipes.load_data(cfg)
-    base = modeling.base_model_path(cfg, pool, tmp_path_factory.mktemp("t5"))
+    base = modeling.base_model_path(cfg, tmp_path_factory.mktemp("t5"), lambda: corpus(cfg, pool))
     tok = modeling.load_tokenizer(base, cfg.model)
     task = build_task(cfg.task, tokenizer=tok)
     return cfg, base, tok, task.to_records(train_rows.select(range(8)))

@@ -13,7 +13,7 @@ from conftest import compose_cfg
 from ftexp import architecture, modeling, recipes, training
 from ftexp.cache import tokenized_prefix
 from ftexp.errors import ConfigError
-from ftexp.tasks import build_task
+from ftexp.tasks import build_task, corpus
 
 TWINS = {"llama": "tiny", "falcon": "tiny_falcon", "t5": "tiny_t5", "gpt_neox": "tiny_gpt_neox"}
 LINEARS = {
@@ -36,7 +36,7 @@ def tiny_bases(tmp_path_factory):
         cfg = compose_cfg([f"model={twin}", *SMALL], fast=False)
         out = tmp_path_factory.mktemp(family)
         pool, _, _ = recipes.load_data(cfg)
-        bases[family] = (cfg, modeling.base_model_path(cfg, pool, out))
+        bases[family] = (cfg, modeling.base_model_path(cfg, out, lambda: corpus(cfg, pool)))
     return bases
 
 

@@ -13,7 +13,7 @@ from conftest import compose_cfg, tiny_setup
 from ftexp import modeling, recipes, training
 from ftexp.config import validate
 from ftexp.errors import ConfigError
-from ftexp.tasks import build_task
+from ftexp.tasks import build_task, corpus
 
 CONTRACT_KEYS = ["train/loss_first", "train/loss_last", "train/runtime_s", "train/samples", "train/tokens_per_s",
                  "train/trainable_params", "train/peak_memory_mb", "eval/n", "eval/accuracy", "eval/f1",
@@ -161,7 +161,7 @@ def test_sweep_runs_share_tokenized_rows_and_never_tokenize_a_row_twice(tmp_path
 
     cfg = compose_cfg([f"cache_dir={tmp_path / 'cache'}", "++data.generator.train_size=200"])
     pool, _, _ = recipes.load_data(cfg)
-    base = modeling.base_model_path(cfg, pool, tmp_path)
+    base = modeling.base_model_path(cfg, tmp_path, lambda: corpus(cfg, pool))
     tok = modeling.load_tokenizer(base, cfg.model)
     task = build_task(cfg.task, tokenizer=tok)
     from ftexp import data

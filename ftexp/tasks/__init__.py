@@ -24,6 +24,17 @@ def build_task(tcfg, *, tokenizer=None, use_chat_template=None):
     return KINDS[tcfg.kind](tcfg, tokenizer=tokenizer, use_chat_template=use_chat_template)
 
 
+def corpus(cfg, pool) -> list[str]:
+    """Texts a tiny model's tokenizer is trained on: the formatted train split ``pool`` (labels
+    included), up to model.tiny.tokenizer_max_texts rows, and the system prompt."""
+    task = build_task(cfg.task)
+    rows = pool.select(range(min(len(pool), cfg.model.tiny.tokenizer_max_texts)))
+    texts = [pair["prompt"] + pair["completion"] for pair in map(task.to_prompt_completion, rows)]
+    if cfg.task.system_prompt:
+        texts.append(cfg.task.system_prompt)
+    return texts
+
+
 def declared_metrics(kind: str | None = None) -> tuple[Metric, ...]:
     """The metrics a run of task ``kind`` may write (every kind's when None)."""
     kinds = [KINDS[kind]] if kind in KINDS else list(KINDS.values())
@@ -44,8 +55,3 @@ def metric(name: str, kind: str | None = None) -> Metric:
 
 def metric_direction(name: str, kind: str | None = None) -> str:
     return metric(name, kind).direction
-
-
-def check_objective(cfg) -> None:
-    """Refuse an objective this run's task does not declare, before anything loads."""
-    metric(str(cfg.objective), str(cfg.task.kind))
