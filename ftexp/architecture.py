@@ -2,7 +2,7 @@
 
 Which modules are linear layers (bitsandbytes' 8- and 4-bit ones included), which
 module is the output head, the dtype weights load in, and the architectures shipped
-with the model presets (``ftexp/presets/<name>.json``, the published
+with the model presets (``ftexp/model_configs/<name>.json``, the published
 ``config.json`` values) built on the meta device: shapes only, no memory, no
 network. Loading, the memory check and the preset counts all build on this module;
 it builds on none of them.
@@ -19,7 +19,7 @@ import torch
 from ftexp.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -123,12 +123,12 @@ def count_parameters(model) -> tuple[int, int]:
 
 def shipped() -> list[str]:
     """Names of the architecture files shipped with the presets."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 
 
 def preset_path(name: str) -> Path:
     """``name`` may be a shipped file (with or without .json) or a path to a config.json."""
-    for path in (Path(name), PRESET_DIR / name, PRESET_DIR / f"{name}.json"):
+    for path in (Path(name), MODEL_CONFIG_DIR / name, MODEL_CONFIG_DIR / f"{name}.json"):
         if path.is_file():
             return path
     raise ConfigError(f"model.preset_config={name!r}: no such file. Shipped architectures: {shipped()}.")

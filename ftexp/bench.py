@@ -456,7 +456,8 @@ def bench_model(name, args, data: Path, ceiling: Ceiling, work: Path) -> tuple[l
     base = modeling.base_model_path(cfg, work, lambda: corpus(cfg, pool))  # tiny: built into work/base_model; GGUF: the cached copy
     cfg = with_keys(cfg, model__name_or_path=str(base), model__gguf_file=None)
     tokenizer = modeling.load_tokenizer(base, cfg.model)
-    task = recipes.load_task(cfg, tokenizer, eval_rows)
+    evaluation.check_objective(cfg, eval_rows)
+    task = recipes.load_task(cfg, tokenizer)
     start = time.perf_counter()
     records = task.to_records(train_rows)
     eval_records = [dict(r) for r in eval_rows]

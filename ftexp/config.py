@@ -160,7 +160,7 @@ class ModelConfig:
     dtype: ModelDtype = ModelDtype.auto
     # Parameter count used by the memory check before loading; null = read from config.
     num_params: Optional[int] = None
-    # Architecture config shipped with ftexp (ftexp/presets/<file>) for offline checks.
+    # Architecture config shipped with ftexp (ftexp/model_configs/<file>) for offline checks.
     preset_config: Optional[str] = None
     # Use the tokenizer's chat template when it has one (null = auto).
     use_chat_template: Optional[bool] = None

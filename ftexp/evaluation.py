@@ -550,7 +550,7 @@ def label_scores(model, tokenizer, task, prompts: Sequence[str], record: dict, e
     return torch.stack([torch.logsumexp(per_form[:, owner_t == label], dim=1) for label in range(len(answers))], 1)
 
 
-def metric_names(cfg, task, record: dict) -> set[str]:
+def written_metrics(cfg, task, record: dict) -> set[str]:
     """The eval/* keys ``evaluate`` will write for this config, found by scoring one
     dummy prediction with the task's own code (so no list is kept by hand)."""
     methods = ["generate", "likelihood"] if cfg.eval.method == "both" else [cfg.eval.method]
@@ -585,7 +585,7 @@ def check_objective(cfg, eval_rows) -> None:
         return
     if not objective.startswith("eval/") or not cfg.eval.enabled or len(eval_rows) == 0:
         return
-    numeric = sorted(n for n in metric_names(cfg, task, dict(eval_rows[0]))
+    numeric = sorted(n for n in written_metrics(cfg, task, dict(eval_rows[0]))
                      if n not in ("eval/label_scoring", "eval/irregular_top"))  # words, not numbers
     if objective not in numeric:
         raise ConfigError(f"objective={objective} is not a metric this run writes. Its eval metrics: "

@@ -29,7 +29,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from ftexp import files, modeling, records
+from ftexp import files, identity, modeling, records
 from ftexp.config import QuantName, load_run_config, register_configs
 from ftexp.errors import ConfigError
 
@@ -88,9 +88,9 @@ def training_command(saved: dict) -> str:
             defaults = OmegaConf.to_container(compose(config_name="config", overrides=choices), resolve=True)
     except Exception:  # a group choice this checkout does not have: the choices alone
         return " ".join(["python train.py", *choices])
-    known = records.flatten(defaults)
+    known = identity.flatten(defaults)
     changed = [f"{'' if key in known else '++'}{key}={_value(new)}"
-               for key, _, new in records.config_differences(defaults, saved)
+               for key, _, new in identity.config_differences(defaults, saved)
                if not key.startswith(("logger.", "output_dir", "run_name", "cache_dir", "device"))]
     return " ".join(["python train.py", *choices, *(shlex.quote(c) for c in changed)])
 

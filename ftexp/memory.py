@@ -64,7 +64,9 @@ def split_of(model) -> ParamSplit:
     """Count a (meta-device) model's parameters the way bitsandbytes quantizes them."""
     head = architecture.output_head(model)
     kinds = architecture.linear_kinds()
-    # modules the model keeps in full precision are never quantized (T5's "wo")
+    # Modules the model keeps in full precision are never quantized (T5's "wo"). transformers (5.25)
+    # exposes that list only as these class attributes, which its own bitsandbytes integration reads;
+    # ftexp reads them here alone.
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     quantizable = rows = 0

@@ -136,7 +136,9 @@ class _FalconLinearsAsLinear:
     ``nn.Linear``; Falcon's layers are ``FalconLinear``, a subclass whose forward is
     the same ``x @ W.T + b``, so they would silently stay in 16 bits. Swapping the
     class for the duration of the load makes them Linear4bit / Linear8bitLt, as
-    they were when the Falcon QLoRA study ran.
+    they were when the Falcon QLoRA study ran. Checked on transformers 5.25, whose
+    ``modeling_falcon`` still defines ``FalconLinear``; this is the one place ftexp
+    patches a library, and only for the duration of a quantized Falcon load.
     """
 
     def __enter__(self):
@@ -174,7 +176,7 @@ def checkpoint_config(path: str, mcfg):
                 f"model.name_or_path={path}: transformers cannot read its config ({err}). Set "
                 "model.trust_remote_code=true if you trust the repository's code, or give model.preset_config."
             ) from err
-        log.info("%s: config not readable by transformers (%s); using the architecture in ftexp/presets/%s",
+        log.info("%s: config not readable by transformers (%s); using the architecture in ftexp/model_configs/%s",
                  path, str(err).splitlines()[0], mcfg.preset_config)
         return architecture.load_config(mcfg.preset_config)
 

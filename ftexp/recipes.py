@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import set_seed
 
 from ftexp import data as data_mod
-from ftexp import architecture, distributed, evaluation, files, judge, memory, modeling, records, sweep, training
+from ftexp import architecture, distributed, evaluation, files, identity, judge, memory, modeling, records, sweep, tracker, training
 from ftexp.config import validate
 from ftexp.errors import ConfigError
 from ftexp.tasks import build_task, corpus
@@ -42,12 +42,12 @@ class Run:
         self.dir = records.resolve_run_dir(cfg)
         self.main = main
         self.device = "cpu"
-        self.tracker: records.Tracker | None = None
+        self.tracker: tracker.Tracker | None = None
 
     @contextmanager
     def owned(self):
         with records.owned(self.dir):
-            records.check_same_experiment(self.dir, self.cfg)
+            identity.check_same_experiment(self.dir, self.cfg)
             yield
 
     @contextmanager
@@ -57,7 +57,7 @@ class Run:
         if self.main:
             records.write_config(self.cfg, self.dir)
         logger = self.cfg.logger if self.main else OmegaConf.create({"name": "none"})
-        self.tracker = records.Tracker(logger, self.cfg, self.dir, swept=sweep.swept_values(self.cfg))
+        self.tracker = tracker.Tracker(logger, self.cfg, self.dir, swept=sweep.swept_values(self.cfg))
         failed = True
         try:
             yield
@@ -140,8 +140,8 @@ class EpochResultWriter:
         self.pending = []
         for epoch, folder in self.dirs.items():
             shorter = self.config(epoch)
-            records.check_same_experiment(folder, shorter)
-            if records.reusable_metrics(folder, shorter) is None:
+            identity.check_same_experiment(folder, shorter)
+            if identity.reusable_metrics(folder, shorter) is None:
                 self.pending.append(epoch)
 
     def config(self, epoch: int) -> DictConfig:
@@ -199,7 +199,7 @@ def finetune(cfg: DictConfig) -> dict:
     told = False  # the other ranks wait for rank 0's verdict: they must get one whatever happens
     try:
         with run.owned():
-            done = records.reusable_metrics(run.dir, cfg)  # finished before: reuse, not redo
+            done = identity.reusable_metrics(run.dir, cfg)  # finished before: reuse, not redo
             distributed.agree("train" if done is None else "finished before")
             told = True
             return done if done is not None else _finetune(run)

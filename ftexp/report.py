@@ -14,14 +14,14 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from ftexp import files, intervals, records
+from ftexp import files, identity, intervals, records, tracker
 from ftexp.tasks import KINDS, metric_direction
 from ftexp.tasks.base import JUDGE_BOOKKEEPING
 
 # Swept axes that Method and "# training data (epochs)" already show; every other one gets a column.
 SHOWN_ELSEWHERE = ("train.n", "train.epochs", "train.max_steps", "lora.r", "model.name", "quant.name", "lora.name",
                    "lora.enabled", "model.name_or_path")
-METRIC_NAMES = {  # the task metrics the table shows, in this order, where the runs' task kind declares them
+TABLE_METRICS = {  # the task metrics the table shows, in this order, where the runs' task kind declares them
     "eval/accuracy": "Accuracy", "eval/f1": "F1", "eval/rouge1": "ROUGE-1", "eval/rouge2": "ROUGE-2",
     "eval/rougeL": "ROUGE-L", "eval/mcrmse": "MCRMSE", "eval/exact_match": "Exact match", "eval/token_f1": "Token F1",
     # the instruction-tuning study's error breakdown: answers that are empty, too long, loop, or are
@@ -49,7 +49,7 @@ class ReportError(ValueError):
 
 
 @dataclass
-class Run:
+class RunFolder:
     """One run folder: its flat config ("train.n" -> 100), metrics, failure record and pruning record."""
     path: Path
     config: dict
@@ -92,7 +92,7 @@ def read_predictions(run_dir: Path) -> list[dict] | None:
     return rows if all(isinstance(r, dict) for r in rows) else None
 
 
-def find_runs(root: Path, depth: int = 2) -> list[Run]:
+def find_runs(root: Path, depth: int = 2) -> list[RunFolder]:
     """The run folders at or under ``root`` (a sweep dir, or a single run dir)."""
     if not any((root / name).exists() for name in RUN_FILES):
         return [run for p in sorted(root.iterdir()) if depth > 0 and p.is_dir() and p.name[0] != "." and p.name not in
@@ -100,13 +100,13 @@ def find_runs(root: Path, depth: int = 2) -> list[Run]:
     config, failure = {}, records.read_failure(root)
     for path, r in [(root / n, r) for n in ("config.yaml", ".hydra/config.yaml") for r in (True, False)]:
         with contextlib.suppress(Exception):  # missing or unreadable; resolved if it can be (the .hydra one is not)
-            config = config or records.flatten(records.scrub(OmegaConf.to_container(OmegaConf.load(path), resolve=r)))
+            config = config or identity.flatten(records.scrub(OmegaConf.to_container(OmegaConf.load(path), resolve=r)))
     partial = not config and bool(failure and failure.get("values"))  # never composed: failed.json has the values
-    return [Run(root, dict(failure["values"]) if partial else config, records.read_metrics(root), failure, partial,
+    return [RunFolder(root, dict(failure["values"]) if partial else config, records.read_metrics(root), failure, partial,
                 read_pruned(root))]
 
 
-def fill_partial_configs(runs: list[Run]) -> None:
+def fill_partial_configs(runs: list[RunFolder]) -> None:
     """Give a trial that failed before composing (its swept values only) the settings every composed run shares."""
     full = [r.config for r in runs if r.config and not r.partial]
     common = {k: v for k, v in full[0].items() if all(c.get(k, object()) == v for c in full[1:])} if full else {}
@@ -120,14 +120,14 @@ def metric_columns(cells: list[Cell], objective: str | None) -> list[tuple[str, 
     present = {k for c in cells for r in c.runs if r.metrics for k in r.metrics}
     kinds = {r.config.get("task.kind") for c in cells for r in c.runs} & set(KINDS)
     declared = {m.name for kind in kinds for m in KINDS[kind].metrics} if kinds else present
-    cols = [(name, key) for key, name in METRIC_NAMES.items() if key in declared]
+    cols = [(name, key) for key, name in TABLE_METRICS.items() if key in declared]
     judge = [k for k in sorted(present) if k.startswith("judge/") and k[6:] not in JUDGE_BOOKKEEPING  # a criterion
              and not k[6:].startswith(("control_", "valid_")) and not k.endswith(("_argmax", "_lo", "_hi"))]
     cols += [(f"Judge {k[6:].replace('reference_', 'reference ')}", k) for k in judge]
     return cols + ([(objective, objective)] if objective and objective not in [k for _, k in cols] else [])
 
 
-def run_row(run: Run, keys: list[str], baseline: bool) -> dict:
+def run_row(run: RunFolder, keys: list[str], baseline: bool) -> dict:
     """A run as a row: its cell and seed, method, training size ("1,000 (2)"), status and finite metrics."""
     cfg, shots = run.config, int(run.config.get("eval.shots") or 0) if baseline else 0
     metrics = {k: float(v) for k, v in (run.metrics or {}).items()
@@ -162,7 +162,7 @@ class Table:
                               "failed.json or pruned.json." if sweep_dir.exists() else f"{sweep_dir} does not exist.")
         fill_partial_configs(runs)
         configs = [r.config for r in runs if r.config]  # swept: the keys whose value differs between runs
-        keys = dict.fromkeys(k for c in configs for k in c if records.is_experiment_key(k))
+        keys = dict.fromkeys(k for c in configs for k in c if identity.is_experiment_key(k))
         self.axes = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
         keys, rows = [a for a in self.axes if a != "train.seed"], []
         self.extra_axes = [a for a in keys if a not in SHOWN_ELSEWHERE]  # shown in columns of their own
@@ -378,7 +378,7 @@ class Table:
         ax.figure.savefig(path, dpi=120)
 
 
-def run_statistics(run: Run, keys: dict) -> dict[str, intervals.Statistic]:
+def run_statistics(run: RunFolder, keys: dict) -> dict[str, intervals.Statistic]:
     """The per-example statistics behind ``run``'s metrics ``keys`` (metric key -> column), from its
     predictions.jsonl: only those that give back metrics.json's value on all examples."""
     rows, found = read_predictions(run.path), {}
@@ -431,7 +431,7 @@ def write_report(sweep_dir: Path, baselines: list[Path] = (), out_dir: Path | No
 def log_to_wandb(sweep_dir: Path, lcfg) -> None:
     """Log the results table and plot to W&B, in the sweep's group, as a run of its own."""
     import wandb
-    table, mode, plot = Table(Path(sweep_dir)), records.wandb_mode(lcfg), Path(sweep_dir) / "results.png"
+    table, mode, plot = Table(Path(sweep_dir)), tracker.wandb_mode(lcfg), Path(sweep_dir) / "results.png"
     with wandb.init(project=lcfg.project, entity=lcfg.get("entity"), group=lcfg.get("group") or table.title,
                     name=f"{table.title} results", job_type="report", dir=str(sweep_dir), mode=mode,
                     reinit="finish_previous", config={"sweep_dir": table.title, "objective": table.objective}) as run:

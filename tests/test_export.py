@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, compose_cfg
-from ftexp import evaluation, export, modeling, recipes, records
+from ftexp import evaluation, export, identity, modeling, recipes, records
 from ftexp.config import load_run_config
 from ftexp.errors import ConfigError
 
@@ -42,7 +42,7 @@ def test_the_exported_model_gives_the_runs_logits_and_predictions(trained, tmp_p
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
     outputs = evaluation.generate(plain, tokenizer, [r["input"] for r in rows],
                                   OmegaConf.create(OmegaConf.to_container(cfg.task.generation)), batch_size=8)
-    task = recipes.load_task(cfg, tokenizer, [])
+    task = recipes.load_task(cfg, tokenizer)
     assert [task.clean_prediction(o) for o in outputs] == [r["prediction"] for r in rows]
     assert not any(p.name.startswith("adapter") for p in out.iterdir())  # merged: no adapter files left
 
@@ -58,7 +58,7 @@ def test_the_model_card_holds_the_metrics_and_a_command_that_composes_the_run_ag
     assert args[:2] == ["python", "train.py"]
     again = compose_cfg([a for a in args[2:] if not a.startswith("output_dir=")], fast=False)
     saved = yaml.safe_load((trained / "config.yaml").read_text())
-    differ = [d for d in records.config_differences(saved, records.config_dict(again))
+    differ = [d for d in identity.config_differences(saved, records.config_dict(again))
               if not d[0].startswith(("output_dir", "run_name", "cache_dir", "device", "logger"))]
     assert differ == []
 

@@ -112,13 +112,13 @@ def test_the_score_is_the_expectation_of_the_five_ratings(dialogsum_run):
 def test_the_sweep_table_shows_judge_columns_when_runs_have_them():
     from pathlib import Path
 
-    from ftexp.report import Cell, Run, metric_columns
+    from ftexp.report import Cell, RunFolder, metric_columns
 
-    run = Run(path=Path("."), config={"task.kind": "summarization"}, failure=None,
+    run = RunFolder(path=Path("."), config={"task.kind": "summarization"}, failure=None,
               metrics={"eval/rougeL": 0.1, "judge/fluency": 3.2, "judge/reference_fluency": 4.0,
                        "judge/fluency_argmax": 3.0, "judge/requests": 5, "judge/control_gap_fluency": 0.3})
     cols = metric_columns([Cell(values={}, runs=[run])], "eval/rougeL")
     assert ("Judge fluency", "judge/fluency") in cols and ("Judge reference fluency", "judge/reference_fluency") in cols
     assert not any(key in ("judge/requests", "judge/fluency_argmax", "judge/control_gap_fluency") for _, key in cols)
-    plain = Run(path=Path("."), config={"task.kind": "summarization"}, failure=None, metrics={"eval/rougeL": 0.1})
+    plain = RunFolder(path=Path("."), config={"task.kind": "summarization"}, failure=None, metrics={"eval/rougeL": 0.1})
     assert not any(key.startswith("judge/") for _, key in metric_columns([Cell(values={}, runs=[plain])], None))

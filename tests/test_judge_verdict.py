@@ -15,7 +15,7 @@ from conftest import compose_cfg
 from ftexp import judge, records
 from ftexp.config import validate
 from ftexp.errors import ConfigError
-from ftexp.report import Cell, Run, Table, metric_columns
+from ftexp.report import Cell, RunFolder, Table, metric_columns
 from ftexp.tasks import build_task
 
 CRITERIA = ("relevance", "coherence", "consistency", "fluency")
@@ -115,7 +115,7 @@ def test_a_baseline_of_other_examples_or_without_predictions_is_refused(monkeypa
 def test_the_report_shows_the_verdict_and_keeps_it_out_of_the_rating_columns(tmp_path):
     metrics = {"eval/rougeL": 0.2, "judge/n": 12, "judge/fluency": 3.1, "judge/coherence": 3.0,
                "judge/valid_fluency": 1, "judge/valid_coherence": 0, "judge/valid_against": "predictions"}
-    run = Run(path=Path("."), config={"task.kind": "summarization"}, failure=None, metrics=metrics)
+    run = RunFolder(path=Path("."), config={"task.kind": "summarization"}, failure=None, metrics=metrics)
     assert not any("valid" in key for _, key in metric_columns([Cell(values={}, runs=[run])], "eval/rougeL"))
     folder = tmp_path / "sweep" / "0"
     folder.mkdir(parents=True)

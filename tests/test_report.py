@@ -226,12 +226,12 @@ def test_the_report_reads_a_run_that_failed_before_writing_its_config(tmp_path):
 
 
 def test_a_trial_that_never_composed_takes_the_sweeps_shared_settings_but_not_its_swept_group():
-    from ftexp.report import Run, fill_partial_configs
+    from ftexp.report import RunFolder, fill_partial_configs
 
-    full = Run(path=Path("a"), config={"model.name": "tiny", "train.n": 16, "quant.name": "none"}, metrics={},
+    full = RunFolder(path=Path("a"), config={"model.name": "tiny", "train.n": 16, "quant.name": "none"}, metrics={},
                failure=None)
-    swept_value = Run(path=Path("b"), config={"train.n": "abc"}, metrics=None, failure={"error": "x"}, partial=True)
-    swept_group = Run(path=Path("c"), config={"model": "tiny_falcon"}, metrics=None, failure={"error": "x"}, partial=True)
+    swept_value = RunFolder(path=Path("b"), config={"train.n": "abc"}, metrics=None, failure={"error": "x"}, partial=True)
+    swept_group = RunFolder(path=Path("c"), config={"model": "tiny_falcon"}, metrics=None, failure={"error": "x"}, partial=True)
     fill_partial_configs([full, swept_value, swept_group])
     assert swept_value.config == {"model.name": "tiny", "train.n": "abc", "quant.name": "none"}
     assert swept_group.config == {"train.n": 16, "quant.name": "none", "model": "tiny_falcon"}

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ftexp import records, tasks
+from ftexp import identity, records, tasks
 from ftexp.errors import ConfigError
 from ftexp import sweep as sw
 from conftest import CONF, ROOT
@@ -94,9 +94,9 @@ def test_each_metric_declares_its_direction(objective, direction):
 def test_a_misspelt_objective_is_refused_with_the_valid_names():
     with pytest.raises(ConfigError, match=r"objective=eval/acuracy is not a metric a classification run writes. "
                                           r"Valid: eval/accuracy, eval/f1"):
-        tasks.check_objective(OmegaConf.create({"objective": "eval/acuracy", "task": {"kind": "classification"}}))
+        tasks.metric("eval/acuracy", "classification")
     with pytest.raises(ConfigError, match="eval/rougeL"):  # another kind's metric
-        tasks.check_objective(OmegaConf.create({"objective": "eval/accuracy", "task": {"kind": "summarization"}}))
+        tasks.metric("eval/accuracy", "summarization")
 
 
 # ----------------------------------------------------------------------------- GPUs
@@ -154,13 +154,13 @@ def test_a_finished_run_with_the_same_config_is_reused_and_a_changed_one_is_not(
     cfg = OmegaConf.create({"train": {"n": 100, "seed": 1}, "logger": {"name": "none"}, "run_name": None,
                             "output_dir": str(tmp_path)})
     records.write_config(cfg, tmp_path)
-    assert records.reusable_metrics(tmp_path, cfg) is None  # no metrics.json: not finished
+    assert identity.reusable_metrics(tmp_path, cfg) is None  # no metrics.json: not finished
     records.write_metrics({"eval/accuracy": 0.9}, tmp_path)
-    assert records.reusable_metrics(tmp_path, cfg) == {"eval/accuracy": 0.9}
+    assert identity.reusable_metrics(tmp_path, cfg) == {"eval/accuracy": 0.9}
     renamed = OmegaConf.merge(cfg, {"run_name": "n=100", "logger": {"name": "wandb"}})
-    assert records.reusable_metrics(tmp_path, renamed) == {"eval/accuracy": 0.9}  # logging is not the experiment
+    assert identity.reusable_metrics(tmp_path, renamed) == {"eval/accuracy": 0.9}  # logging is not the experiment
     other = OmegaConf.merge(cfg, {"train": {"seed": 2}})
-    assert records.reusable_metrics(tmp_path, other) is None
+    assert identity.reusable_metrics(tmp_path, other) is None
 
 
 def test_failure_record_has_the_error_and_the_traceback(tmp_path):

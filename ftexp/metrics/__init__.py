@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Sequence
 
 METRICS_DIR = Path(__file__).resolve().parent
-METRIC_NAMES = ("rouge", "accuracy", "f1", "exact_match", "token_f1")
+SHIPPED_METRICS = ("rouge", "accuracy", "f1", "exact_match", "token_f1")
 
 
 def metric_path(name: str) -> Path:
     """The script of the shipped metric ``name``."""
     path = METRICS_DIR / name / f"{name}.py"
-    if name not in METRIC_NAMES or not path.exists():
-        raise ValueError(f"unknown metric {name!r}; ftexp ships: {', '.join(METRIC_NAMES)}")
+    if name not in SHIPPED_METRICS or not path.exists():
+        raise ValueError(f"unknown metric {name!r}; ftexp ships: {', '.join(SHIPPED_METRICS)}")
     return path
 
 

@@ -1,2 +1,4 @@
-"""ftexp's Hydra plugins: the resumable Optuna sweeper (``hydra/sweeper=ftexp``) and the
-config source that serves ``sweeps/`` as the ``sweep`` group (``+sweep=<name>``)."""
+"""ftexp's Hydra plugin: the resumable Optuna sweeper (``hydra/sweeper=ftexp``).
+
+The sweep configs in ``sweeps/`` reach Hydra as the ``sweep`` group (``+sweep=<name>``)
+through the ``conf/sweep`` link, not through a plugin."""

@@ -1,6 +1,6 @@
 """What the architectures shipped with the model presets give offline.
 
-Each ``<name>.json`` here holds the published ``config.json`` values of a preset's
+Each ``ftexp/model_configs/<name>.json`` holds the published ``config.json`` values of a preset's
 model (conf/model/<name>.yaml names it in ``model.preset_config``; ``ftexp.architecture``
 reads it). Built on the meta device they yield, with no weights and no network, the
 parameter count the memory check needs and the trainable-parameter count of a LoRA
@@ -32,7 +32,7 @@ def count_trainable(model_cfg, lora_cfg) -> dict:
     if not model_cfg.get("preset_config"):
         raise ConfigError(
             f"model={model_cfg.name} has no model.preset_config: offline counts need an architecture file in "
-            f"ftexp/presets/ (one of {architecture.shipped()})."
+            f"ftexp/model_configs/ (one of {architecture.shipped()})."
         )
     model = architecture.preset_meta_model(model_cfg.preset_config)
     base_total = architecture.parameter_count(model)
@@ -47,7 +47,7 @@ def count_trainable(model_cfg, lora_cfg) -> dict:
 
 def compose(overrides: list[str]):
     """The run config ``train.py`` would compose from the repository's conf/ with ``overrides``."""
-    conf = architecture.PRESET_DIR.parents[1] / "conf"
+    conf = architecture.MODEL_CONFIG_DIR.parents[1] / "conf"
     if not conf.is_dir():
         raise ConfigError(f"no conf/ folder at {conf}: run from a source checkout of ftexp.")
     register_configs()
@@ -77,3 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         split.checkpoint_dtype = architecture.checkpoint_dtype(architecture.load_config(cfg.model.preset_config))
     print(f"weights on a GPU with quant={cfg.quant.name}: ~{memory.estimate_mb(split, cfg.quant, dtype):,.0f} MB")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
