@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftexp import architecture
-from ftexp.cache import common_prefix_length
+from ftexp.rows import common_prefix_length
 from ftexp.config import EvalConfig, load_run_config
 from ftexp.errors import ConfigError
 from ftexp.metrics import evaluate_library

@@ -3,13 +3,12 @@
 Written whole: ``atomic_path`` / ``atomic_write`` for a file and ``atomic_dir`` for a folder
 write under a temporary name beside the target and rename it into place when the block ends
 without an error, so a reader, a kill or a full disk never leaves half a file or a folder that
-looks complete (metrics.json, the GGUF conversion, the tiny base model, the tokenized-row cache,
-an export).
+looks complete (metrics.json, the GGUF conversion, the tiny base model, an export).
 
 Locks: ``hold`` takes an exclusive advisory lock (``flock``) on a lock file and returns the open
 file, which holds it until it is closed or its process ends (the kernel drops it then, so a killed
 run never leaves a stale lock); ``locked`` holds one for a block. Parallel sweep workers take turns
-with them (a conversion, the row cache, the measured CPU peak, claiming trials from an SQLite
+with them (a conversion, the measured CPU peak, claiming trials from an SQLite
 study), a run folder admits one live run, and a worker keeps its GPU slot.
 """
 

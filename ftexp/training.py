@@ -2,8 +2,8 @@
 
 Decoder-only models train with TRL's SFTTrainer on prompt/completion records, so
 the loss covers completion tokens only. The rows come prepared (``sft_rows``: labels
--100 off the completion, cut to ``train.max_length``, packed with ``train.packing``)
-from the tokenized-row cache, and TRL's collator pads each batch to its own longest
+-100 off the completion, cut to ``train.max_length``, packed with ``train.packing``;
+``ftexp.rows``), and TRL's collator pads each batch to its own longest
 row; batches group rows of similar length (``train.group_by_length``), so little is
 padded. The output head runs only at positions whose next token is a label
 (ftexp/loss.py). Encoder-decoder models train with transformers' Seq2SeqTrainer: the prompt
@@ -32,7 +32,7 @@ import torch
 from transformers import DataCollatorWithFlattening, EarlyStoppingCallback, PrinterCallback, TrainerCallback
 
 from ftexp import distributed, loss, memory, throughput
-from ftexp.cache import tokenized_prefix
+from ftexp import rows as training_rows
 from ftexp.errors import ConfigError
 from ftexp.tasks import metric_direction
 
@@ -368,15 +368,14 @@ def _took(timings: dict | None, start: float) -> None:
 def sft_rows(cfg, tokenizer, train_records):
     """Trainer-ready rows for decoder-only training, and how many rows were tokenized now.
 
-    What SFTTrainer's own dataset preparation makes of prompt/completion rows, done on the
-    cached tokenized rows (ftexp.cache, which keeps the labels too), so that a run whose
-    rows are cached prepares next to nothing: labels are -100 off the completion, rows are
+    What SFTTrainer's own dataset preparation makes of prompt/completion rows, done by ftexp
+    (``ftexp.rows``, which keeps the labels too): labels are -100 off the completion, rows are
     cut to ``train.max_length`` (keep_start drops the tail, keep_end the head) and rows
     left without a label are dropped. With ``train.packing`` the rows are then packed
     best-fit-decreasing into rows of at most ``train.max_length`` tokens (TRL's
     ``pack_dataset``, strategy "bfd"); ``seq_lengths`` keeps each packed row's boundaries.
     """
-    rows, fresh = tokenized_prefix(train_records, tokenizer, cfg, cfg.cache_dir)
+    rows = training_rows.tokenize(train_records, tokenizer)
     t = cfg.train
     rows = truncate_rows(rows, t.max_length, t.truncation)
     if len(rows) == 0:
@@ -386,8 +385,8 @@ def sft_rows(cfg, tokenizer, train_records):
     if t.get("packing"):
         from trl import pack_dataset
 
-        return pack_dataset(rows.select_columns(["input_ids", "labels"]), t.max_length, "bfd"), fresh
-    return rows.select_columns(["input_ids", "labels", "length"]), fresh
+        return pack_dataset(rows.select_columns(["input_ids", "labels"]), t.max_length, "bfd")
+    return rows.select_columns(["input_ids", "labels", "length"])
 
 
 def build_sft_trainer(cfg, model, tokenizer, train_records, out_dir: Path, device: str, report_to, callbacks,
@@ -396,14 +395,14 @@ def build_sft_trainer(cfg, model, tokenizer, train_records, out_dir: Path, devic
     from trl import SFTConfig, SFTTrainer
 
     start = time.perf_counter()
-    train_data, fresh = sft_rows(cfg, tokenizer, train_records)
+    train_data = sft_rows(cfg, tokenizer, train_records)
     _took(timings, start)
-    log.info("train rows: %d (%d tokenized now)", len(train_data), fresh)
+    log.info("train rows: %d", len(train_data))
     t = cfg.train
     args = SFTConfig(
         **common_args(cfg, out_dir, device, report_to),
         completion_only_loss=True,
-        # the rows come prepared (sft_rows): TRL's own preparation would redo the work on every run
+        # the rows come prepared (sft_rows): TRL's own preparation would do the same work again
         dataset_kwargs={"skip_prepare_dataset": True},
         # keep "length" for the length-grouped sampler; TRL's collator reads only input_ids, labels, seq_lengths
         remove_unused_columns=False,
@@ -532,7 +531,7 @@ def build_head_adapter_trainer(cfg, model, tokenizer, train_records, out_dir: Pa
     args = TrainingArguments(**common_args(cfg, out_dir, device, report_to), remove_unused_columns=False,
                              label_names=["labels"])
     start = time.perf_counter()
-    data, _ = sft_rows(cfg, tokenizer, train_records)  # the rows SFTTrainer gets
+    data = sft_rows(cfg, tokenizer, train_records)  # the rows SFTTrainer gets
     _took(timings, start)
     collator = completion_collator(tokenizer.pad_token_id, padding_free=bool(cfg.train.packing or cfg.train.padding_free))
     trainer = trainer_class(Trainer)(model=model, args=args, train_dataset=data, eval_dataset=eval_data,

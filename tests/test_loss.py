@@ -27,7 +27,7 @@ def setup(tmp_path, mode):
         for name, p in model.named_parameters():  # lora_B starts at zero: give the adapters a say in the output
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.05)
-    rows, _ = training.sft_rows(cfg, tok, records)
+    rows = training.sft_rows(cfg, tok, records)
     batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)([rows[i] for i in range(8)])
     return cfg, tok, model, records, {k: v for k, v in batch.items()}
 

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import compose_cfg
 from ftexp import architecture, evaluation, export, gguf, modeling, recipes
-from ftexp.cache import tokenize_prompt_completion
+from ftexp.rows import tokenize_prompt_completion
 from ftexp.tasks import build_task
 
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg
 from ftexp import architecture, modeling, recipes, training
-from ftexp.cache import tokenized_prefix
+from ftexp.rows import tokenize
 from ftexp.errors import ConfigError
 from ftexp.tasks import build_task, corpus
 
@@ -136,7 +136,7 @@ def test_head_adapter_rows_and_labels_match_sfttrainers(tiny_bases, tmp_path):
         if max_length == 256:  # whole rows: every prompt is there, and masked
             assert all(row[0] == -100 and row[-1] != -100 for row in ours.train_dataset["labels"])
         if truncation == "keep_end":  # cut from the left: the answer and its EOS survive
-            full, _ = tokenized_prefix(records, tok, cfg, None)
+            full = tokenize(records, tok)
             assert len(sft.train_dataset) == len(full)  # no row lost its answer
             for cut, whole in zip(sft.train_dataset["input_ids"], full["input_ids"]):
                 assert cut == whole[-max_length:]

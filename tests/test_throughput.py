@@ -1,6 +1,6 @@
 """Throughput figures and padding: real tokens per second, padding ratio, FLOPs per token,
-MFU and data preparation time; cached rows prepared again in a fraction of the time;
-the completion-only labels exactly as TRL's own preparation makes them, also packed."""
+MFU and data preparation time; the completion-only labels exactly as TRL's own preparation
+makes them, also packed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import compose_cfg, tiny_setup
 from ftexp import architecture, modeling, throughput, training
-from ftexp.cache import tokenized_prefix
+from ftexp.rows import tokenize
 from ftexp.config import validate
 from ftexp.errors import ConfigError
 
@@ -28,7 +28,7 @@ def _train(overrides, tmp_path):
     cfg = compose_cfg(["train.max_steps=null", "train.epochs=1", *overrides], tmp_path)  # one epoch: every row once
     tok, model, records = _setup(cfg, tmp_path)
     fit = training.train(cfg, model, tok, records, tmp_path, "cpu")
-    rows, _ = training.sft_rows(cfg, tok, records)
+    rows = training.sft_rows(cfg, tok, records)
     return cfg, model, fit["metrics"], fit["trainer"], sum(len(ids) for ids in rows["input_ids"])
 
 
@@ -120,17 +120,6 @@ def test_peak_flops_override_and_cpu_measurement_cached(tmp_path, monkeypatch):
         validate(compose_cfg(["train.peak_flops=-1"]))
 
 
-def test_second_preparation_of_the_same_rows_is_fast(tmp_path):
-    cfg = compose_cfg([f"cache_dir={tmp_path / 'cache'}", "++data.generator.train_size=2000"], tmp_path)
-    tok, model, records = _setup(cfg, tmp_path)
-    assert len(records) == 2000
-    first, again = {}, {}
-    a = training.build_sft_trainer(cfg, model, tok, records, tmp_path / "a", "cpu", [], [], first)
-    b = training.build_sft_trainer(cfg, model, tok, records, tmp_path / "b", "cpu", [], [], again)
-    assert b.train_dataset["labels"] == a.train_dataset["labels"]
-    assert again["data/prep_s"] < 0.1 * first["data/prep_s"], (first, again)
-
-
 def _trl_prepared(model, rows, tok, max_length, out):
     """TRL's own preparation of input_ids + completion_mask rows (what the runs used before)."""
     from trl import SFTConfig, SFTTrainer
@@ -144,13 +133,13 @@ def _trl_prepared(model, rows, tok, max_length, out):
 def test_prepared_rows_match_trls_own_preparation(tmp_path, truncation):
     cfg = compose_cfg([], tmp_path)
     tok, model, records = _setup(cfg, tmp_path)
-    full, _ = tokenized_prefix(records, tok, cfg, None)
+    full = tokenize(records, tok)
     prompts = sorted(mask.index(1) for mask in full["completion_mask"])
     # cut through the prompts of half of the rows: keep_start leaves some with no answer at all
     max_length = prompts[len(prompts) // 2] + 1
     for length in (cfg.train.max_length, max_length):
         run = OmegaConf.merge(cfg, {"train": {"max_length": length, "truncation": truncation}})
-        ours, _ = training.sft_rows(run, tok, records)
+        ours = training.sft_rows(run, tok, records)
         cut = slice(None) if truncation == "keep_start" else slice(-length, None)  # TRL 1.16 cuts keep_end itself
         rows = Dataset.from_dict({"input_ids": [ids[cut] for ids in full["input_ids"]],
                                   "completion_mask": [m[cut] for m in full["completion_mask"]]})
@@ -172,7 +161,7 @@ def _trained_sets(cfg, tok, records, packed: bool) -> Counter:
     packed rows are split back into their sequences by their position ids."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    rows, _ = training.sft_rows(OmegaConf.merge(cfg, {"train": {"packing": packed}}), tok, records)
+    rows = training.sft_rows(OmegaConf.merge(cfg, {"train": {"packing": packed}}), tok, records)
     collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=packed)
     seen = Counter()
     for i in range(0, len(rows), 4):
@@ -195,7 +184,7 @@ def _trained_sets(cfg, tok, records, packed: bool) -> Counter:
 def test_packing_keeps_exactly_the_trained_tokens(tmp_path, truncation):
     cfg = compose_cfg(["++data.generator.train_size=96", f"train.truncation={truncation}"], tmp_path)
     tok, _, records = _setup(cfg, tmp_path)
-    longest = max(len(ids) for ids in tokenized_prefix(records, tok, cfg, None)[0]["input_ids"])
+    longest = max(len(ids) for ids in tokenize(records, tok)["input_ids"])
     # rows packed two or more to a sequence; then rows cut (keep_start drops some), one to a sequence
     for max_length in (2 * longest, longest - 10):
         cfg.train.max_length = max_length

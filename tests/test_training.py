@@ -13,7 +13,7 @@ from conftest import compose_cfg, tiny_setup
 from ftexp import modeling, recipes, training
 from ftexp.config import validate
 from ftexp.errors import ConfigError
-from ftexp.tasks import build_task, corpus
+from ftexp.tasks import build_task
 
 CONTRACT_KEYS = ["train/loss_first", "train/loss_last", "train/runtime_s", "train/samples", "train/tokens_per_s",
                  "train/trainable_params", "train/peak_memory_mb", "eval/n", "eval/accuracy", "eval/f1",
@@ -154,27 +154,6 @@ def test_label_word_that_tokenizes_to_nothing_is_refused():
     task = build_task(cfg.task)
     with pytest.raises(Exception, match="negative.*tokenizes to nothing"):
         task.check_tokenizer(Empty())
-
-
-def test_sweep_runs_share_tokenized_rows_and_never_tokenize_a_row_twice(tmp_path):
-    from ftexp import cache
-
-    cfg = compose_cfg([f"cache_dir={tmp_path / 'cache'}", "++data.generator.train_size=200"])
-    pool, _, _ = recipes.load_data(cfg)
-    base = modeling.base_model_path(cfg, tmp_path, lambda: corpus(cfg, pool))
-    tok = modeling.load_tokenizer(base, cfg.model)
-    task = build_task(cfg.task, tokenizer=tok)
-    from ftexp import data
-    def rows(n):
-        return task.to_records(data.subset(pool, n, cfg.data.seed, key="train.n"))
-    small, fresh_small = cache.tokenized_prefix(rows(50), tok, cfg, cfg.cache_dir)
-    large, fresh_large = cache.tokenized_prefix(rows(120), tok, cfg, cfg.cache_dir)
-    again, fresh_again = cache.tokenized_prefix(rows(80), tok, cfg, cfg.cache_dir)
-    assert (fresh_small, fresh_large, fresh_again) == (50, 70, 0)
-    assert large["input_ids"][:50] == small["input_ids"]
-    uncached, _ = cache.tokenized_prefix(rows(120), tok, cfg, None)
-    assert uncached["input_ids"] == large["input_ids"]
-    assert uncached["completion_mask"] == large["completion_mask"]
 
 
 def test_the_adapters_start_the_same_whatever_loading_drew_from_the_rng(tmp_path, monkeypatch):
