@@ -1,8 +1,19 @@
-"""The two recipes, each read top to bottom: setup -> train -> evaluate -> record.
+"""The two recipes, each read top to bottom.
 
-``finetune(cfg)`` is what ``train.py`` runs and tests call; ``evaluate_only(cfg)``
-is what ``evaluate.py`` runs. Both open their run the same way (``Run``) and
-return the flat metrics dict written to ``metrics.json``.
+``finetune(cfg)`` is what ``train.py`` runs and tests call. Its rooms, in order:
+``load_data`` -> ``evaluation.check_objective`` -> ``load_for_training`` (base model,
+tokenizer, task, adapters) -> ``train`` -> ``save_trained`` -> ``evaluate_trained`` ->
+``Run.record``. It supports LoRA, QLoRA (4-bit and 8-bit) and full fine-tuning of
+decoder-only and encoder-decoder models, one process or a torchrun / accelerate launch
+(DDP, FSDP, ZeRO-3), evaluation during training, early stopping, a sweep's pruner and
+earlier epochs' results from one run (``watch_training``); a finished run is reused and a
+killed one resumes.
+
+``evaluate_only(cfg)`` is what ``evaluate.py`` runs: load_data -> check_objective -> the
+trained run's or the base model -> evaluate (and judge) -> record.
+
+Both open their run the same way (``Run``) and return the flat metrics dict written to
+``metrics.json``.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -81,12 +93,19 @@ class Run:
 # ----------------------------------------------------------------------------- setup
 
 
-def load_data(cfg: DictConfig) -> tuple[Dataset, Dataset, Dataset]:
-    """(full train split, train subset of train.n rows, eval subset of eval.n rows)."""
+class Data(NamedTuple):
+    """A run's rows: the whole train split (``pool``: k-shot examples, held-out rows, a tiny tokenizer's
+    texts), its first ``train.n`` rows in the seeded order (``train``) and ``eval.n`` eval rows (``eval``)."""
+    pool: Dataset
+    train: Dataset
+    eval: Dataset
+
+
+def load_data(cfg: DictConfig) -> Data:
     splits = data_mod.load_splits(cfg.data)
-    train = data_mod.subset(splits["train"], cfg.train.n, cfg.data.seed, key="train.n")
-    evaluation_rows = data_mod.subset(splits["eval"], cfg.eval.n, cfg.eval.seed, key="eval.n")
-    return splits["train"], train, evaluation_rows
+    return Data(pool=splits["train"],
+                train=data_mod.subset(splits["train"], cfg.train.n, cfg.data.seed, key="train.n"),
+                eval=data_mod.subset(splits["eval"], cfg.eval.n, cfg.eval.seed, key="eval.n"))
 
 
 def load_task(cfg: DictConfig, tokenizer):
@@ -210,80 +229,104 @@ def finetune(cfg: DictConfig) -> dict:
 
 
 def _finetune(run: Run) -> dict:
+    """The recipe's rooms, in order: data -> model -> train -> save -> evaluate -> record."""
     cfg = run.cfg
     with run.started():
-        # setup: data, tokenizer, task, model, adapters
-        pool, train_rows, eval_rows = load_data(cfg)
-        evaluation.check_objective(cfg, eval_rows)  # the one check, before any model loads
-        with distributed.main_first():  # a base model rank 0 writes is read by the others after it
-            base = modeling.base_model_path(cfg, run.dir, lambda: corpus(cfg, pool))
-        tokenizer = modeling.load_tokenizer(base, cfg.model)
-        task = load_task(cfg, tokenizer)
-        train_records = task.to_records(train_rows)
-        weights = memory.check(cfg.model, cfg.quant, base, run.device)  # refuses a GPU too small
-        model = modeling.load_model(base, cfg.model, cfg.quant, run.device)
-        weights["model/weight_memory_mb"] = memory.measured_mb(model)
-        # Seeded again: loading may draw random numbers (a GGUF file is dequantized into a randomly initialised
-        # model, but not when it is read from the cache), and the adapters' initial weights must not depend on it.
-        set_seed(cfg.train.seed)
-        model = modeling.attach_adapters(model, cfg.lora, cfg.quant, cfg.train.gradient_checkpointing)
-        trainable, total = architecture.count_parameters(model)
-        log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
-                 100 * trainable / total)
-        metrics = {"train/trainable_params": trainable, "train/total_params": total,
-                   "train/trainable_pct": 100 * trainable / total, **weights}
-
-        # train, watched by evaluations on held-out rows and, where asked, writing earlier epochs' results
-        watchers = watch_training(run, model, tokenizer, task, pool, eval_rows, metrics)
-        fit = training.train(cfg, model, tokenizer, train_records, run.dir, run.device, run.tracker.report_to,
-                             **watchers)
-        metrics.update(fit["metrics"])
-        trainer = fit["trainer"]
-        model = trainer.model
-        out = run.dir / ("adapter" if cfg.lora.enabled else "model")
-        sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
-        if cfg.train.save_model:
-            if sharded:  # every rank hands in its shard; the trainer writes one whole copy
-                trainer.save_model(str(out))
-            elif run.main:
-                model.save_pretrained(out)
-            if run.main:
-                tokenizer.save_pretrained(out)
-                run.tracker.artifact(out, "adapter" if cfg.lora.enabled else "model")
-        if not run.main:
+        data = load_data(cfg)
+        evaluation.check_objective(cfg, data.eval)  # the one check, before any model loads
+        model, tokenizer, task, metrics = load_for_training(run, data)
+        trainer = train(run, model, tokenizer, task, data, metrics)
+        model, tokenizer = save_trained(run, trainer, tokenizer)
+        if not run.main:  # other ranks of a torchrun neither evaluate nor record
             return metrics
-        if sharded and cfg.eval.enabled:  # rank 0 holds a shard only: evaluate the saved whole
-            if not cfg.train.save_model:
-                raise ConfigError("FSDP / ZeRO-3 runs are evaluated from the saved model: set train.save_model=true "
-                                  "or eval.enabled=false.")
-            model, tokenizer = modeling.load_trained(cfg, run.dir, run.device)
-
-        # evaluate
-        rows = None
-        if cfg.eval.enabled:
-            memory.reset_peak(run.device)  # eval/peak_memory_mb: this phase's own
-            try:
-                eval_metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
-                eval_metrics["eval/peak_memory_mb"] = memory.peak_mb(run.device)
-            except Exception:  # keep what training produced; the saved model can be evaluated again
-                records.write_metrics(metrics, run.dir, name="train_metrics.json")
-                again = f" Re-evaluate it with: python evaluate.py run={run.dir}" if cfg.train.save_model else ""
-                log.error("evaluation failed after training; training metrics are in %s.%s",
-                          run.dir / "train_metrics.json", again)
-                raise
-            metrics.update(eval_metrics)
-            if cfg.judge.name != "none":
-                try:
-                    metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, run.device))
-                except Exception:  # keep the trained model and its evaluation; judge it again later
-                    run.record(metrics, rows)
-                    log.error("judging failed; the run's metrics and predictions are recorded in %s. Judge them "
-                              "again with: python evaluate.py run=%s judge=%s ...", run.dir, run.dir, cfg.judge.name)
-                    raise
-
-        # record
+        rows = evaluate_trained(run, model, tokenizer, task, data, metrics)
         run.record(metrics, rows)
         return metrics
+
+
+def load_for_training(run: Run, data: Data) -> tuple:
+    """(model with its adapters, tokenizer, task, the setup's metrics): the base model (built, converted
+    or as given), refused when the device is too small for its weights, then LoRA / QLoRA adapters."""
+    cfg = run.cfg
+    with distributed.main_first():  # a base model rank 0 writes is read by the others after it
+        base = modeling.base_model_path(cfg, run.dir, lambda: corpus(cfg, data.pool))
+    tokenizer = modeling.load_tokenizer(base, cfg.model)
+    task = load_task(cfg, tokenizer)
+    metrics = memory.check(cfg.model, cfg.quant, base, run.device)  # refuses a GPU too small
+    model = modeling.load_model(base, cfg.model, cfg.quant, run.device)
+    metrics["model/weight_memory_mb"] = memory.measured_mb(model)
+    # Seeded again: loading may draw random numbers (a GGUF file is dequantized into a randomly initialised
+    # model, but not when it is read from the cache), and the adapters' initial weights must not depend on it.
+    set_seed(cfg.train.seed)
+    model = modeling.attach_adapters(model, cfg.lora, cfg.quant, cfg.train.gradient_checkpointing)
+    trainable, total = architecture.count_parameters(model)
+    log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
+             100 * trainable / total)
+    metrics.update({"train/trainable_params": trainable, "train/total_params": total,
+                    "train/trainable_pct": 100 * trainable / total})
+    return model, tokenizer, task, metrics
+
+
+def train(run: Run, model, tokenizer, task, data: Data, metrics: dict):
+    """Fit the model on the train rows (``training.train``), watched by evaluations on held-out rows and,
+    where asked, writing earlier epochs' results; adds the train/* metrics and returns the trainer."""
+    cfg = run.cfg
+    watchers = watch_training(run, model, tokenizer, task, data.pool, data.eval, metrics)
+    fit = training.train(cfg, model, tokenizer, task.to_records(data.train), run.dir, run.device,
+                         run.tracker.report_to, **watchers)
+    metrics.update(fit["metrics"])
+    return fit["trainer"]
+
+
+def save_trained(run: Run, trainer, tokenizer) -> tuple:
+    """Save the adapter (or the fine-tuned model) with its tokenizer into the run's folder; return the
+    (model, tokenizer) to evaluate: the trained one, or under FSDP / ZeRO-3 the saved whole reloaded."""
+    cfg, model = run.cfg, trainer.model
+    out = run.dir / ("adapter" if cfg.lora.enabled else "model")
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if cfg.train.save_model:
+        if sharded:  # every rank hands in its shard; the trainer writes one whole copy
+            trainer.save_model(str(out))
+        elif run.main:
+            model.save_pretrained(out)
+        if run.main:
+            tokenizer.save_pretrained(out)
+            run.tracker.artifact(out, "adapter" if cfg.lora.enabled else "model")
+    if run.main and sharded and cfg.eval.enabled:  # rank 0 holds a shard only: evaluate the saved whole
+        if not cfg.train.save_model:
+            raise ConfigError("FSDP / ZeRO-3 runs are evaluated from the saved model: set train.save_model=true "
+                              "or eval.enabled=false.")
+        return modeling.load_trained(cfg, run.dir, run.device)
+    return model, tokenizer
+
+
+def evaluate_trained(run: Run, model, tokenizer, task, data: Data, metrics: dict) -> list[dict] | None:
+    """Score the trained model on the eval rows (and judge its outputs, with a judge); adds the eval/*
+    and judge/* metrics and returns the prediction rows. A failure keeps what was made before it:
+    the training metrics (train_metrics.json), or the evaluation (recorded before judging fails)."""
+    cfg = run.cfg
+    if not cfg.eval.enabled:
+        return None
+    memory.reset_peak(run.device)  # eval/peak_memory_mb: this phase's own
+    try:
+        found, rows = evaluation.evaluate(cfg, model, tokenizer, task, data.eval, data.pool)
+        found["eval/peak_memory_mb"] = memory.peak_mb(run.device)
+    except Exception:  # keep what training produced; the saved model can be evaluated again
+        records.write_metrics(metrics, run.dir, name="train_metrics.json")
+        again = f" Re-evaluate it with: python evaluate.py run={run.dir}" if cfg.train.save_model else ""
+        log.error("evaluation failed after training; training metrics are in %s.%s",
+                  run.dir / "train_metrics.json", again)
+        raise
+    metrics.update(found)
+    if cfg.judge.name != "none":
+        try:
+            metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in data.eval], rows, run.device))
+        except Exception:  # keep the trained model and its evaluation; judge it again later
+            run.record(metrics, rows)
+            log.error("judging failed; the run's metrics and predictions are recorded in %s. Judge them "
+                      "again with: python evaluate.py run=%s judge=%s ...", run.dir, run.dir, cfg.judge.name)
+            raise
+    return rows
 
 
 # ----------------------------------------------------------------------------- evaluate-only recipe
