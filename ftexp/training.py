@@ -32,7 +32,7 @@ import torch
 from transformers import DataCollatorWithFlattening, EarlyStoppingCallback, PrinterCallback, TrainerCallback
 
 from ftexp import distributed, loss, memory, throughput
-from ftexp import rows as training_rows
+from ftexp import rows as training_rows  # "rows" names local variables here
 from ftexp.errors import ConfigError
 from ftexp.tasks import metric_direction
 
@@ -366,7 +366,7 @@ def _took(timings: dict | None, start: float) -> None:
 
 
 def sft_rows(cfg, tokenizer, train_records):
-    """Trainer-ready rows for decoder-only training, and how many rows were tokenized now.
+    """Trainer-ready rows for decoder-only training.
 
     What SFTTrainer's own dataset preparation makes of prompt/completion rows, done by ftexp
     (``ftexp.rows``, which keeps the labels too): labels are -100 off the completion, rows are
