@@ -231,9 +231,9 @@ def finetune(cfg: DictConfig) -> dict:
 def _finetune(run: Run) -> dict:
     """The recipe's rooms, in order: data -> model -> train -> save -> evaluate -> record."""
     cfg = run.cfg
+    data = load_data(cfg)
+    evaluation.check_objective(cfg, data.eval)  # the one check, before the folder gets config.yaml or a model loads
     with run.started():
-        data = load_data(cfg)
-        evaluation.check_objective(cfg, data.eval)  # the one check, before any model loads
         model, tokenizer, task, metrics = load_for_training(run, data)
         trainer = train(run, model, tokenizer, task, data, metrics)
         model, tokenizer = save_trained(run, trainer, tokenizer)
@@ -335,7 +335,8 @@ def evaluate_trained(run: Run, model, tokenizer, task, data: Data, metrics: dict
 def evaluate_only(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Evaluate without training, top to bottom: setup -> evaluate -> record.
 
-    ``run=<dir>`` re-evaluates a trained run (see ``evaluation.eval_config``); without
+    ``run=<dir>`` re-evaluates a trained run (see ``evaluation.eval_config``), with the
+    evaluation settings named in ``overrides`` (evaluate.py passes its command line's); without
     it the base model is evaluated zero-shot or with ``eval.shots`` examples (the tiny
     model is then untrained). Writes config.yaml, metrics.json and predictions.jsonl
     to its own directory (output_dir, else Hydra's) and returns the metrics.
@@ -346,31 +347,37 @@ def evaluate_only(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if trained is not None and run.dir.resolve() == trained.resolve():
         raise ConfigError(f"output_dir={cfg.output_dir} is the run being evaluated; its files would be overwritten. "
                           "Give the evaluation a directory of its own.")
-    with run.owned(), run.started():
-        # setup: data, model + tokenizer (trained run or base), task
+    with run.owned():
         pool, _, eval_rows = load_data(cfg)
-        evaluation.check_objective(cfg, eval_rows)  # the one check, before any model loads
-        if trained is not None and cfg.judge.name != "none" and (trained / "predictions.jsonl").exists():
-            return _judge_saved_predictions(run, trained, eval_rows)
-        if trained is not None:
-            model, tokenizer = modeling.load_trained(cfg, trained, run.device)
-        else:
-            base = modeling.base_model_path(cfg, run.dir, lambda: corpus(cfg, pool))
-            tokenizer = modeling.load_tokenizer(base, cfg.model)
-            model = modeling.load_model(base, cfg.model, cfg.quant, run.device)
-        task = load_task(cfg, tokenizer)
+        evaluation.check_objective(cfg, eval_rows)  # the one check, before the folder gets config.yaml
+        with run.started():
+            return _evaluate(run, trained, pool, eval_rows)
 
-        # evaluate
-        memory.reset_peak(run.device)
-        metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
-        metrics["eval/peak_memory_mb"] = memory.peak_mb(run.device)
-        if cfg.judge.name != "none":
-            metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, run.device))
 
-        # record
-        source = f"run {trained}" if trained is not None else f"base {cfg.model.name}, {cfg.eval.shots}-shot"
-        run.record(metrics, rows, source)
-        return metrics
+def _evaluate(run: Run, trained: Path | None, pool, eval_rows) -> dict:
+    """evaluate_only's body: the model + tokenizer (trained run or base), task -> evaluate -> record."""
+    cfg = run.cfg
+    if trained is not None and cfg.judge.name != "none" and (trained / "predictions.jsonl").exists():
+        return _judge_saved_predictions(run, trained, eval_rows)
+    if trained is not None:
+        model, tokenizer = modeling.load_trained(cfg, trained, run.device)
+    else:
+        base = modeling.base_model_path(cfg, run.dir, lambda: corpus(cfg, pool))
+        tokenizer = modeling.load_tokenizer(base, cfg.model)
+        model = modeling.load_model(base, cfg.model, cfg.quant, run.device)
+    task = load_task(cfg, tokenizer)
+
+    # evaluate
+    memory.reset_peak(run.device)
+    metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
+    metrics["eval/peak_memory_mb"] = memory.peak_mb(run.device)
+    if cfg.judge.name != "none":
+        metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, run.device))
+
+    # record
+    source = f"run {trained}" if trained is not None else f"base {cfg.model.name}, {cfg.eval.shots}-shot"
+    run.record(metrics, rows, source)
+    return metrics
 
 
 def _judge_saved_predictions(run: Run, trained: Path, eval_rows) -> dict:

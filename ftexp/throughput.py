@@ -69,6 +69,8 @@ class TokenCounter(TrainerCallback):
         if control.should_save:  # set by the Trainer's flow callback, which runs first; every rank agrees
             state.num_input_tokens_seen = self.before + self.totals()[0]
 
+    on_epoch_end = on_step_end  # save_strategy="epoch" (evaluation every epoch) saves at an epoch's end
+
     def on_train_end(self, args, state, control, **kwargs):
         state.num_input_tokens_seen = self.before + self.totals()[0]
 

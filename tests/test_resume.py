@@ -177,3 +177,10 @@ def test_when_no_checkpoint_loads_the_run_is_refused_and_every_file_kept(tmp_pat
     with pytest.raises(ConfigError, match=r"No checkpoint in .* loads \(checkpoint-8: optimizer.pt .*Every file is kept"):
         recipes.finetune(compose_cfg(RESUMABLE, run))
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
+def test_a_misspelt_objective_writes_nothing_and_the_corrected_run_takes_the_folder(tmp_path):
+    with pytest.raises(ConfigError, match="objective=eval/acuracy is not a metric"):
+        recipes.finetune(compose_cfg(["objective=eval/acuracy"], tmp_path))
+    assert not (tmp_path / "config.yaml").exists()  # nothing there to refuse the corrected run
+    assert "eval/accuracy" in recipes.finetune(compose_cfg([], tmp_path))

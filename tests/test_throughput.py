@@ -206,3 +206,26 @@ def test_packing_and_padding_free_need_flash_attention(key):
     with pytest.raises(ConfigError, match="model.arch=seq2seq"):
         validate(compose_cfg([f"{key}=true", "model=tiny_t5", "model.attn_implementation=flash_attention_2"]))
     validate(compose_cfg([f"{key}=true", "model.attn_implementation=flash_attention_2"]))  # on a GPU: accepted
+
+
+@pytest.mark.parametrize("event", ["on_step_end", "on_epoch_end"])
+def test_the_token_count_goes_into_the_state_a_checkpoint_saves(event):
+    """Steps (save_strategy=steps) and epoch ends (save_strategy=epoch) both save checkpoints: the
+    count must be in the Trainer's state when either does, so a resumed run goes on from it."""
+    from transformers import TrainerControl, TrainerState
+
+    class Echo(torch.nn.Module):
+        def forward(self, **kwargs):
+            return kwargs
+
+    model, counter = Echo(), throughput.TokenCounter()
+    state, control = TrainerState(), TrainerControl()
+    state.num_input_tokens_seen = 10  # restored from a checkpoint
+    counter.on_train_begin(None, state, control, model=model)
+    model(input_ids=torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    getattr(counter, event)(None, state, control)
+    assert state.num_input_tokens_seen == 10  # no checkpoint due: the state is left alone
+    control.should_save = True
+    getattr(counter, event)(None, state, control)
+    assert state.num_input_tokens_seen == 13
+    counter.remove()
