@@ -465,7 +465,8 @@ def bench_model(name, args, data: Path, ceiling: Ceiling, work: Path) -> tuple[l
     start = time.perf_counter()
     pool, train_rows, eval_rows = recipes.load_data(cfg)
     data_s = time.perf_counter() - start
-    base = modeling.base_model_path(cfg, work, lambda: corpus(cfg, pool))  # tiny: built into work/base_model; GGUF: the cached copy
+    # tiny: built into work/base_model; GGUF: the cached copy
+    base = modeling.base_model_path(cfg, work, lambda: corpus(cfg, pool))
     cfg = with_keys(cfg, model__name_or_path=str(base), model__gguf_file=None)
     tokenizer = modeling.load_tokenizer(base, cfg.model)
     evaluation.check_objective(cfg, eval_rows)

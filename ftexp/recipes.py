@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import set_seed
 
 from ftexp import data as data_mod
-from ftexp import architecture, distributed, evaluation, files, identity, judge, memory, modeling, records, sweep, tracker, training
+from ftexp import (architecture, distributed, evaluation, files, identity, judge, memory, modeling, records, sweep,
+                   tracker, training)
 from ftexp.config import validate
 from ftexp.errors import ConfigError
 from ftexp.tasks import build_task, corpus
