@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -338,15 +339,56 @@ def attach_adapters(model, lcfg, qcfg, gradient_checkpointing: bool = False):
     return model
 
 
+def dropped_positions(n: int, p: float) -> torch.Tensor:
+    """Flat positions in ``range(n)`` that a dropout of probability ``p`` zeroes: each one
+    independently with probability p, as a Bernoulli mask would, drawn as the gaps between
+    dropped positions. A gap is geometric, P(gap = k) = (1 - p)^(k - 1) p, got from one uniform
+    number u as floor(log(1 - u) / log(1 - p)) + 1, so about n x p numbers are drawn
+    instead of n (p = 0.05: a twentieth). Float64 keeps the positions exact past 2^24."""
+    batch = int(n * p + 5 * math.sqrt(n * p) + 16)  # one draw covers n nearly always
+    step = math.log1p(-p)
+    parts, end = [], 0.0
+    while end < n:
+        gaps = torch.log1p(-torch.rand(batch, dtype=torch.float64)).div_(step).floor_().add_(1)
+        ends = gaps.cumsum_(0).add_(end)
+        parts.append(ends)
+        end = float(ends[-1])
+    ends = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return ends[: int(torch.searchsorted(ends, float(n), right=True))].long().sub_(1)
+
+
+class _DropPositions(torch.autograd.Function):
+    """x / (1 - p) with the given flat positions zeroed; the backward zeroes the same positions
+    of the gradient. Only the positions are kept for the backward, not a mask of x's size."""
+
+    @staticmethod
+    def forward(ctx, x, positions, scale):
+        ctx.save_for_backward(positions)
+        ctx.scale = scale
+        out = x * scale
+        out.view(-1).index_fill_(0, positions, 0.0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (positions,) = ctx.saved_tensors
+        out = grad.contiguous() * ctx.scale
+        out.view(-1).index_fill_(0, positions, 0.0)
+        return out, None, None
+
+
 class LoraDropout(torch.nn.Module):
-    """Dropout on a LoRA layer's input: torch's own on accelerators, cheaper random bits on a CPU.
+    """Dropout on a LoRA layer's input: torch's own on accelerators, a cheaper draw on a CPU.
 
     A LoRA step drops out the input of every adapted layer (seven per block on every linear
     layer). torch draws a CPU dropout mask one 32-bit number per element, single-threaded
-    where MKL's generator is not used (AMD CPUs): 20% of a SmolLM2 LoRA step on 2 cores.
-    Here each 64-bit draw gives four 16-bit numbers, and an element is dropped when its
-    number falls under p x 65536, so p holds to 1/65536 (0.05 drops 0.0500031 of the
-    elements). Kept elements are scaled by 1 / (1 - p), as torch's dropout scales them.
+    where MKL's generator is not used (AMD CPUs): 20% of a SmolLM2 step on 2 cores. Here the
+    dropped positions are drawn directly (``dropped_positions``): the same distribution, each
+    element dropped independently with probability p, from about n x p random numbers. Kept
+    elements are scaled by 1 / (1 - p), as torch's dropout scales them. Measured on a 256 x 576
+    input, p = 0.05: 144 us against torch's 786 us and 349 us for four 16-bit numbers per
+    64-bit draw (this class's previous method), and no mask of the input's size is kept for
+    the backward.
     """
 
     def __init__(self, p: float):
@@ -354,17 +396,13 @@ class LoraDropout(torch.nn.Module):
         if not 0 <= p < 1:
             raise ValueError(f"dropout probability {p} is not in [0, 1)")
         self.p = p
-        self.below = round(p * 65536) - 32768  # int16 numbers under this are dropped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or self.p > 0.5:  # past one half, a mask's n numbers are fewer
             return torch.nn.functional.dropout(x, self.p, training=True)
-        n = x.numel()
-        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)
-        keep = draws.view(torch.int16)[:n].view(x.shape) >= self.below
-        return torch.where(keep, x * (1 / (1 - self.p)), 0.0)
+        return _DropPositions.apply(x.contiguous(), dropped_positions(x.numel(), self.p), 1 / (1 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

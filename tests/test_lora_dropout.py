@@ -1,5 +1,5 @@
-"""LoRA's input dropout on a CPU (modeling.LoraDropout): torch's dropout in distribution, only
-cheaper random bits. It drops p of the elements, scales the rest by 1 / (1 - p), passes the
+"""LoRA's input dropout on a CPU (modeling.LoraDropout): torch's dropout in distribution, the
+dropped positions drawn directly. It drops p of the elements, scales the rest by 1 / (1 - p), passes the
 gradient through the kept ones, follows the seed, and every LoRA layer of a run gets it."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from ftexp import modeling
-from ftexp.modeling import LoraDropout
+from ftexp.modeling import LoraDropout, dropped_positions
 from conftest import compose_cfg, tiny_setup
 
 
-@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.7])
 def test_it_drops_p_of_the_elements_and_scales_the_rest(p):
     x = torch.full((2000, 1000), 3.0, requires_grad=True)
     y = LoraDropout(p).train()(x)
@@ -24,10 +24,16 @@ def test_it_drops_p_of_the_elements_and_scales_the_rest(p):
     assert torch.equal(x.grad, (y.detach() != 0).float() / (1 - p))
 
 
-def test_every_lane_of_the_random_words_drops_alike():
-    y = LoraDropout(0.05).train()(torch.ones(400_000, 4))
-    for lane in range(4):  # four 16-bit numbers come from each 64-bit draw: none of them may be biased
-        assert abs((y[:, lane] == 0).float().mean().item() - 0.05) < 0.003
+def test_positions_are_dropped_independently_and_alike_everywhere():
+    torch.manual_seed(0)
+    mask = torch.zeros(4_000_000)
+    mask[dropped_positions(mask.numel(), 0.05)] = 1
+    assert abs(mask.mean().item() - 0.05) < 0.0006  # sd 0.00011
+    assert abs((mask[:-1] * mask[1:]).mean().item() - 0.05**2) < 0.0002  # neighbours: p^2, sd 0.000025
+    # the first and last positions, drawn 40,000 times over 100 elements: p each (sd 0.0011)
+    small = torch.stack([torch.zeros(100).index_fill_(0, dropped_positions(100, 0.05), 1) for _ in range(40_000)])
+    assert torch.allclose(small[:, [0, 1, 50, 98, 99]].mean(0), torch.tensor(0.05), atol=0.006)
+    assert all(((pos >= 0) & (pos < 10)).all() for pos in (dropped_positions(10, 0.3) for _ in range(1000)))
 
 
 def test_masks_change_between_calls_follow_the_seed_and_vanish_in_eval():
