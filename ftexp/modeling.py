@@ -400,7 +400,7 @@ class LoraDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu" or self.p > 0.5:  # past one half, a mask's n numbers are fewer
+        if x.device.type != "cpu" or self.p > 0.5:  # most elements dropped: a gap each, costlier than a mask's draw
             return torch.nn.functional.dropout(x, self.p, training=True)
         return _DropPositions.apply(x.contiguous(), dropped_positions(x.numel(), self.p), 1 / (1 - self.p))
 
