@@ -339,13 +339,14 @@ def attach_adapters(model, lcfg, qcfg, gradient_checkpointing: bool = False):
     return model
 
 
-def dropped_positions(n: int, p: float) -> torch.Tensor:
+def dropped_positions(n: int, p: float, chunk: int | None = None) -> torch.Tensor:
     """Flat positions in ``range(n)`` that a dropout of probability ``p`` zeroes: each one
     independently with probability p, as a Bernoulli mask would, drawn as the gaps between
     dropped positions. A gap is geometric, P(gap = k) = (1 - p)^(k - 1) p, got from one uniform
     number u as floor(log(1 - u) / log(1 - p)) + 1, so about n x p numbers are drawn
-    instead of n (p = 0.05: a twentieth). Float64 keeps the positions exact past 2^24."""
-    batch = int(n * p + 5 * math.sqrt(n * p) + 16)  # one draw covers n nearly always
+    instead of n (p = 0.05: a twentieth). Float64 keeps the positions exact past 2^24. Gaps are
+    drawn ``chunk`` at a time until they pass n; by default enough that one draw nearly always does."""
+    batch = chunk or int(n * p + 5 * math.sqrt(n * p) + 16)
     step = math.log1p(-p)
     parts, end = [], 0.0
     while end < n:
