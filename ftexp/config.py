@@ -399,7 +399,7 @@ class RunConfig:
     run_name: Optional[str] = None
     run: Optional[str] = None  # evaluate.py: a trained run directory to re-evaluate
     device: str = "auto"  # auto | cpu | cuda
-    # GGUF conversions, the judge's scores and the measured CPU peak FLOP/s are kept here, shared by runs.
+    # GGUF conversions and the judge's scores are kept here, shared by runs.
     cache_dir: Optional[str] = "~/.cache/ftexp"
     epoch_results: EpochResultsConfig = field(default_factory=EpochResultsConfig)
 

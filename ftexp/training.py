@@ -634,6 +634,7 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
     trainer.dev_eval = dev_eval
     trainer.remove_callback(PrinterCallback)  # LossLog reports progress instead of raw dicts
     per_token = throughput.flops_per_token(model, frozen_base=bool(cfg.lora.enabled))  # before any sharding
+    ceiling = throughput.Ceiling(cfg, device, model)  # train/mfu's peak: on a CPU measured now and at the end
     start = time.perf_counter()
     epochs_cb = None
 
@@ -649,7 +650,7 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
             # real (non-padding) tokens of all ranks, a resumed run's before it included
             "train/tokens": counter.before + real,
             # tokens/s, padding, FLOPs per token, MFU: this session's (since start or resume), all ranks
-            **throughput.metrics(cfg, device, model, per_token, real, padded, seconds, distributed.world_size()),
+            **throughput.metrics(ceiling, per_token, real, padded, seconds, distributed.world_size()),
             "data/prep_s": timings.get("data/prep_s", 0.0),
             "train/resumed_from_step": resume_step,
             # train.batch_size is per process; a step sees world_size x batch_size x grad_accum rows

@@ -100,24 +100,35 @@ def test_gpu_peaks_by_name_and_precision():
     assert throughput.gpu_peak_flops("NVIDIA L40S", bf16) is None  # not taken for an L4
 
 
-def test_peak_flops_override_and_cpu_measurement_cached(tmp_path, monkeypatch):
+def test_cpu_ceiling_is_measured_in_the_run_and_the_highest_reading_counts(monkeypatch):
+    readings = iter([5e10, 7e10, 6e10])
     calls = []
-    monkeypatch.setattr(throughput, "matmul_flops", lambda dtype: calls.append(dtype) or 5e10)
-    monkeypatch.setattr(throughput, "_MEASURED", {})
-    cfg = compose_cfg([f"cache_dir={tmp_path}"])
-    assert throughput.peak_flops(cfg, "cpu", None)[0] == 5e10
-    monkeypatch.setattr(throughput, "_MEASURED", {})  # a new process: read back from cache_dir
-    assert throughput.peak_flops(cfg, "cpu", None)[0] == 5e10
+    monkeypatch.setattr(throughput, "matmul_flops", lambda dtype: calls.append(dtype) or next(readings))
+    ceiling = throughput.Ceiling(compose_cfg([]), "cpu", None)  # one reading when training starts
     assert calls == [torch.float32]
-    monkeypatch.setattr(throughput, "_MEASURED", {})
-    with open_dict(cfg):
-        cfg.cache_dir = None
-    assert throughput.peak_flops(cfg, "cpu", None)[0] == 5e10 and len(calls) == 2  # kept in this process
-    assert throughput.peak_flops(cfg, "cpu", None)[0] == 5e10 and len(calls) == 2
-    over = compose_cfg(["train.peak_flops=1.5e12"])
-    assert throughput.peak_flops(over, "cuda", None) == (1.5e12, "train.peak_flops")
+    assert ceiling.peak()[0] == 7e10  # one more when the metrics are read: the higher one
+    peak, source = ceiling.peak()  # a lower third reading does not lower it
+    assert peak == 7e10 and "measured in this run: best of 3 readings" in source
+    assert len(calls) == 3
+
+
+def test_peak_flops_override_and_gpu_table_measure_nothing(monkeypatch):
+    monkeypatch.setattr(throughput, "matmul_flops", lambda dtype: pytest.fail("measured a matmul"))
+    assert throughput.Ceiling(compose_cfg(["train.peak_flops=1.5e12"]), "cuda", None).peak() == (1.5e12,
+                                                                                                "train.peak_flops")
+    assert throughput.Ceiling(compose_cfg(["train.peak_flops=2e11"]), "cpu", None).peak()[0] == 2e11
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert throughput.Ceiling(compose_cfg([]), "cuda", None).peak()[0] == 67e12  # fp32 weights: fp32 peak
     with pytest.raises(ConfigError, match="train.peak_flops=-1"):
         validate(compose_cfg(["train.peak_flops=-1"]))
+
+
+def test_measuring_the_ceiling_moves_no_random_state_of_the_run():
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert throughput.matmul_flops(torch.float32, size=64, repeats=2) > 0
+    assert torch.equal(torch.rand(4), expected)
 
 
 def _trl_prepared(model, rows, tok, max_length, out):
