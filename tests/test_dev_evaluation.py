@@ -12,7 +12,7 @@ from conftest import compose_cfg
 from ftexp import data, recipes
 from ftexp.errors import ConfigError
 
-TIMINGS = ("runtime", "per_s", "per_second", "mfu", "prep_s", "peak_memory")
+TIMINGS = ("runtime", "per_s", "per_second", "mfu", "peak_flops", "prep_s", "peak_memory")
 
 
 def _log(folder, kind):

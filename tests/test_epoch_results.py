@@ -20,7 +20,7 @@ from ftexp.training import EpochResults
 # log or evaluate differently from a shorter one. LoRA (dropout 0.05) makes the run read the RNG.
 CONSTANT = ["train.max_steps=null", "train.scheduler=constant", "train.n=24", "train.batch_size=8",
             "train.logging_steps=5", "train.eval_every=4", "train.eval_n=16", "eval.n=16", "lora=default"]
-TIMINGS = ("runtime", "per_s", "mfu", "prep_s", "peak_memory", "tokens_per_second", "epoch_results_of")
+TIMINGS = ("runtime", "per_s", "mfu", "peak_flops", "prep_s", "peak_memory", "tokens_per_second", "epoch_results_of")
 
 
 def _run(overrides, folder):
