@@ -346,7 +346,7 @@ def dropped_positions(n: int, p: float, chunk: int | None = None) -> torch.Tenso
     number u as floor(log(1 - u) / log(1 - p)) + 1, so about n x p numbers are drawn
     instead of n (p = 0.05: a twentieth). Float64 keeps the positions exact past 2^24. Gaps are
     drawn ``chunk`` at a time until they pass n; by default enough that one draw nearly always does."""
-    batch = chunk or int(n * p + 5 * math.sqrt(n * p) + 16)
+    batch = chunk if chunk is not None else int(n * p + 5 * math.sqrt(n * p) + 16)
     step = math.log1p(-p)
     parts, end = [], 0.0
     while end < n:

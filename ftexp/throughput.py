@@ -207,21 +207,32 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 8) -> float:
+def matmul_flops(dtype: torch.dtype = torch.float32, size: int | None = None, repeats: int = 8) -> float:
     """FLOP/s of a square matmul on the CPU with torch's current threads, best of ``repeats``.
-    Its operands come from a generator of its own, so a measurement moves no random state of the run.
-    On a 2-core EPYC 1,024 reads as high as 2,048 (191 to 195 against 164 to 185 GFLOP/s) in a
-    quarter of the time, about 0.12 s."""
+
+    ``size`` None: the largest multiple of 64 up to 1,024 whose matmul takes about 15 ms at the rate
+    a 256 x 256 probe shows, so a reading takes about 0.15 s whatever the dtype (float16, which most
+    CPUs emulate at about 1 GFLOP/s, would take 19 s at 1,024). On a 2-core EPYC at float32 that is
+    1,024, which reads as high as 2,048 (191 to 195 against 164 to 185 GFLOP/s) in a quarter of the
+    time. The operands come from a generator of their own: a reading moves no random state of the run.
+    """
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(dtype)
-    b = torch.randn(size, size, generator=gen).to(dtype)
-    torch.mm(a, b)  # warm-up: first-call allocation and kernel selection
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+
+    def best_of(n: int, k: int) -> float:
+        a = torch.randn(n, n, generator=gen).to(dtype)
+        b = torch.randn(n, n, generator=gen).to(dtype)
+        torch.mm(a, b)  # warm-up: first-call allocation and kernel selection
+        best = math.inf
+        for _ in range(k):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        return 2 * n**3 / best
+
+    if size is None:
+        rate = best_of(256, 1)
+        size = int(min(1024, max(64, (rate * 0.015 / 2) ** (1 / 3))) // 64 * 64)
+    return best_of(size, repeats)
 
 
 class Ceiling:
@@ -229,9 +240,10 @@ class Ceiling:
 
     ``train.peak_flops`` when set; else a GPU's data-sheet figure (``GPU_PEAKS``); else, on a CPU,
     a matmul measured in the run itself (``matmul_flops``): when training starts and again each
-    time the metrics are read, the highest reading counting. A shared machine's speed moves by a
-    third within an hour, so a figure measured in another run would make the MFU of this one
-    too high or too low (docs/performance.md)."""
+    time the metrics are read (at its end, and at each epoch whose results are written), the
+    highest reading counting. A shared machine's speed moves by a third within an hour, so a
+    figure measured in another run would make the MFU of this one too high or too low
+    (docs/performance.md)."""
 
     def __init__(self, cfg, device: str, model):
         self.dtype = matmul_dtype(cfg, model)

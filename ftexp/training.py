@@ -634,7 +634,7 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
     trainer.dev_eval = dev_eval
     trainer.remove_callback(PrinterCallback)  # LossLog reports progress instead of raw dicts
     per_token = throughput.flops_per_token(model, frozen_base=bool(cfg.lora.enabled))  # before any sharding
-    ceiling = throughput.Ceiling(cfg, device, model)  # train/mfu's peak: on a CPU measured now and at the end
+    ceiling = throughput.Ceiling(cfg, device, model)  # train/mfu's peak: on a CPU measured now and as metrics are read
     start = time.perf_counter()
     epochs_cb = None
 

@@ -4,12 +4,13 @@ makes them, also packed."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
 import torch
 from datasets import Dataset
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from conftest import compose_cfg, tiny_setup
 from ftexp import architecture, modeling, throughput, training
@@ -121,6 +122,13 @@ def test_peak_flops_override_and_gpu_table_measure_nothing(monkeypatch):
     assert throughput.Ceiling(compose_cfg([]), "cuda", None).peak()[0] == 67e12  # fp32 weights: fp32 peak
     with pytest.raises(ConfigError, match="train.peak_flops=-1"):
         validate(compose_cfg(["train.peak_flops=-1"]))
+
+
+def test_a_reading_stays_short_for_a_dtype_the_cpu_emulates():
+    # float16 runs at about 1 GFLOP/s on most CPUs: 1024 x 1024, best of 8, would take about 19 s
+    start = time.perf_counter()
+    assert throughput.matmul_flops(torch.float16) > 0
+    assert time.perf_counter() - start < 3
 
 
 def test_measuring_the_ceiling_moves_no_random_state_of_the_run():
