@@ -199,8 +199,10 @@ def with_keys(cfg, **keys):
 
 
 class Ceiling:
-    """The matmul ceiling: a 2048x2048 fp32 matmul's FLOP/s on this CPU (ftexp's own peak measure),
-    measured at the start and again right after every timed training step. Other jobs on a
+    """The matmul ceiling: a 2048x2048 fp32 matmul's FLOP/s on this CPU (``throughput.matmul_flops``,
+    which a training run's own ``throughput.Ceiling`` reads at up to 1024x1024; the benchmark hands
+    its best to the runs it times as train.peak_flops), measured at the start and again right after
+    every timed training step. Other jobs on a
     shared machine slow a matmul as much as a step, so each step is set against the measurement
     made next to it; ``best`` (the highest seen) stands for the hardware where one figure is needed."""
 
