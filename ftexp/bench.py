@@ -378,7 +378,8 @@ def end_to_end(name, cfg, base, records, eval_prompts, eval_labels, work, data_s
 
 def evaluation_speed(name, cfg, task, eval_rows, eval_prompts, eval_labels, run_dir) -> tuple[list[Row], dict]:
     """Row 2: the model ftexp trained, on the dev sentences, three ways; then ftexp's batched
-    generation alone, with and without the shared prompt prefix."""
+    generation alone, with and without the shared prompt prefix. ftexp's rows run with the adapter
+    merged where the recipe merges it (eval.merge_adapter); the one-at-a-time script's with it unmerged."""
     model, tokenizer = modeling.load_trained(cfg, run_dir, "cpu")
     n = len(eval_prompts)
     what = "2 evaluation"
@@ -397,7 +398,8 @@ def evaluation_speed(name, cfg, task, eval_rows, eval_prompts, eval_labels, run_
                                   "generate"),
                                  ("likelihood", "label likelihood, ftexp (eval.method=likelihood)", "likelihood")):
         say(f"{name}: evaluation, {variant}")
-        m, _ = evaluation.evaluate(with_keys(cfg, eval__method=method), model, tokenizer, task, eval_rows)
+        with modeling.merged_adapter(model, cfg.eval.merge_adapter):  # as the recipe evaluates a finished run
+            m, _ = evaluation.evaluate(with_keys(cfg, eval__method=method), model, tokenizer, task, eval_rows)
         rate[key] = n / m["eval/runtime_s"]
         rows.append(Row(name, what, variant, time=f"{num(m['eval/runtime_s'])} s", throughput=f"{num(rate[key])} ex/s",
                         accuracy=f"{m['eval/accuracy']:.3f}", note=f"n={n}"))
@@ -406,10 +408,12 @@ def evaluation_speed(name, cfg, task, eval_rows, eval_prompts, eval_labels, run_
     for share in (False, True):
         variant = f"generate, batched, prompt prefix {'shared (ftexp)' if share else 'not shared'}"
         say(f"{name}: evaluation, {variant}")
-        start = time.perf_counter()
-        outputs[share] = evaluation.generate(model, tokenizer, eval_prompts, task.cfg.generation,
-                                             batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, share_prefix=share)
-        seconds = time.perf_counter() - start
+        with modeling.merged_adapter(model, cfg.eval.merge_adapter):
+            start = time.perf_counter()
+            outputs[share] = evaluation.generate(model, tokenizer, eval_prompts, task.cfg.generation,
+                                                 batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+                                                 share_prefix=share)
+            seconds = time.perf_counter() - start
         rate["shared" if share else "unshared"] = n / seconds
         rows.append(Row(name, what, variant, time=f"{num(seconds)} s", throughput=f"{num(n / seconds)} ex/s",
                         note=f"n={n}, generation only" + (", outputs identical to the unshared ones: "

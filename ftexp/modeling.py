@@ -6,6 +6,7 @@ nodes into library objects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -337,6 +338,54 @@ def attach_adapters(model, lcfg, qcfg, gradient_checkpointing: bool = False):
             if type(dropout) is torch.nn.Dropout and dropout.p > 0:
                 module.lora_dropout[name] = LoraDropout(dropout.p)
     return model
+
+
+def why_not_merged(model) -> str | None:
+    """Why ``model``'s LoRA adapter cannot be folded into its base weights without changing its
+    outputs beyond float32 rounding; None when it can. Merging is exact to rounding only where
+    every adapted weight is a plain float32 tensor of its own: a 16-bit weight would round the
+    adapter's small update away, a quantized one (bitsandbytes) is requantized, and a weight
+    shared with another module (an adapter on a head tied to the input embeddings) would change
+    that module too."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers or not hasattr(model, "merge_adapter"):
+        return "no LoRA adapter"
+    if any(getattr(m, "merged", False) for m in layers):
+        return "already merged"
+    shared: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shared[p.data_ptr()] = shared.get(p.data_ptr(), 0) + 1
+    for m in layers:
+        weight = getattr(m.get_base_layer(), "weight", None)
+        if weight is None or type(weight) is not torch.nn.Parameter or weight.dtype != torch.float32:
+            kind = "missing" if weight is None else f"{type(weight).__name__} of {weight.dtype}"
+            return f"an adapted weight is {kind}, not a plain float32 tensor"
+        if shared.get(weight.data_ptr(), 0) > 1:
+            return "an adapted weight is shared with another module (tied)"
+    return None
+
+
+@contextlib.contextmanager
+def merged_adapter(model, enabled: bool = True):
+    """Inside, ``model``'s LoRA adapter is folded into its base weights (peft's ``merge_adapter``),
+    so each adapted layer runs one matmul instead of three plus a scale and an add; on leaving,
+    it is taken out again (``unmerge_adapter``). For evaluation of a model that trains no
+    further: the outputs equal the unmerged model's to float32 rounding (``why_not_merged``
+    says where they would not, and the adapter then stays unmerged). Yields whether it merged."""
+    reason = why_not_merged(model) if enabled else "eval.merge_adapter=false"
+    if reason is not None:
+        if reason != "no LoRA adapter":
+            log.info("evaluating with the LoRA adapter unmerged: %s", reason)
+        yield False
+        return
+    model.merge_adapter()
+    log.info("evaluating with the LoRA adapter merged into the float32 base weights (eval.merge_adapter)")
+    try:
+        yield True
+    finally:
+        model.unmerge_adapter()
 
 
 def dropped_positions(n: int, p: float, chunk: int | None = None) -> torch.Tensor:

@@ -310,7 +310,8 @@ def evaluate_trained(run: Run, model, tokenizer, task, data: Data, metrics: dict
         return None
     memory.reset_peak(run.device)  # eval/peak_memory_mb: this phase's own
     try:
-        found, rows = evaluation.evaluate(cfg, model, tokenizer, task, data.eval, data.pool)
+        with modeling.merged_adapter(model, cfg.eval.merge_adapter):  # training is over: the weights may change
+            found, rows = evaluation.evaluate(cfg, model, tokenizer, task, data.eval, data.pool)
         found["eval/peak_memory_mb"] = memory.peak_mb(run.device)
     except Exception:  # keep what training produced; the saved model can be evaluated again
         records.write_metrics(metrics, run.dir, name="train_metrics.json")
@@ -370,7 +371,8 @@ def _evaluate(run: Run, trained: Path | None, pool, eval_rows) -> dict:
 
     # evaluate
     memory.reset_peak(run.device)
-    metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
+    with modeling.merged_adapter(model, cfg.eval.merge_adapter):
+        metrics, rows = evaluation.evaluate(cfg, model, tokenizer, task, eval_rows, pool)
     metrics["eval/peak_memory_mb"] = memory.peak_mb(run.device)
     if cfg.judge.name != "none":
         metrics.update(judge.judge_predictions(cfg, task, [dict(r) for r in eval_rows], rows, run.device))

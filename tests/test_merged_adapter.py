@@ -1,0 +1,78 @@
+"""Evaluating a finished LoRA run with its adapter folded into the base weights
+(``modeling.merged_adapter``, eval.merge_adapter): the same label log-probabilities and the
+same greedy outputs as the unmerged model, the adapter taken out again afterwards, and no
+merge where it would change the outputs (16-bit weights, a tied head) or where it is turned off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import open_dict
+from peft.tuners.lora import LoraLayer
+
+from conftest import compose_cfg, tiny_setup
+from ftexp import evaluation, modeling, recipes
+
+
+def lora_model(tmp_path, *overrides):
+    cfg = compose_cfg(["model=tiny", "lora=default", "lora.r=4", *overrides], tmp_path)
+    tok, task, model, _ = tiny_setup(cfg, tmp_path)
+    records = [dict(r) for r in recipes.load_data(cfg).eval][:12]
+    model = modeling.attach_adapters(model, cfg.lora, cfg.quant)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at zero: give the adapters a say in the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    model.eval()
+    return cfg, tok, task, model, records
+
+
+def merged_flags(model) -> list[bool]:
+    return [m.merged for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def scores_and_texts(cfg, tok, task, model, records):
+    prompts = [task.prompt(r) for r in records]
+    scores = evaluation.label_scores(model, tok, task, prompts, records[0], cfg.eval)
+    with open_dict(cfg):
+        cfg.task.generation.max_new_tokens = 6
+    texts = evaluation.generate(model, tok, prompts, cfg.task.generation, batch_size=4)
+    return scores, texts
+
+
+def test_merged_evaluation_equals_the_unmerged_one_and_is_undone_after(tmp_path):
+    cfg, tok, task, model, records = lora_model(tmp_path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain_scores, plain_texts = scores_and_texts(cfg, tok, task, model, records)
+
+    with modeling.merged_adapter(model) as merged:
+        assert merged and all(merged_flags(model))
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        assert changed and all("base_layer.weight" in n for n in changed)  # the adapter is in the weights
+        scores, texts = scores_and_texts(cfg, tok, task, model, records)
+
+    assert torch.allclose(scores, plain_scores, atol=1e-5, rtol=0), (scores - plain_scores).abs().max()
+    assert plain_scores.std() > 0.01  # the adapters move the scores: the comparison can fail
+    assert texts == plain_texts
+    assert not any(merged_flags(model))
+    for n, p in model.named_parameters():  # taken out again, to float rounding
+        assert torch.allclose(p, before[n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("case", ["turned off", "bfloat16 weights", "adapter on a tied head", "no adapter"])
+def test_no_merge_where_it_would_change_the_outputs_or_is_turned_off(tmp_path, case):
+    extra = ["lora.include_lm_head=true"] if case == "adapter on a tied head" else []
+    cfg, tok, task, model, records = lora_model(tmp_path, *extra)
+    if case == "bfloat16 weights":
+        model = model.to(torch.bfloat16)
+    if case == "no adapter":
+        model = model.get_base_model()
+    if case == "adapter on a tied head":
+        head = model.get_output_embeddings()
+        assert head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with modeling.merged_adapter(model, enabled=case != "turned off") as merged:
+        assert not merged
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any(merged_flags(model))
