@@ -15,10 +15,11 @@ from ftexp import evaluation, modeling, recipes
 
 
 def lora_model(tmp_path, *overrides):
-    cfg = compose_cfg(["model=tiny", "lora=default", "lora.r=4", *overrides], tmp_path)
+    lora = [] if "lora=none" in overrides else ["lora=default", "lora.r=4"]
+    cfg = compose_cfg(["model=tiny", *lora, *overrides], tmp_path)
     tok, task, model, _ = tiny_setup(cfg, tmp_path)
     records = [dict(r) for r in recipes.load_data(cfg).eval][:12]
-    model = modeling.attach_adapters(model, cfg.lora, cfg.quant)
+    model = modeling.attach_adapters(model, cfg.lora, cfg.quant)  # lora=none: the model as it is
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # lora_B starts at zero: give the adapters a say in the output
         for name, p in model.named_parameters():
@@ -60,14 +61,12 @@ def test_merged_evaluation_equals_the_unmerged_one_and_is_undone_after(tmp_path)
         assert torch.allclose(p, before[n], atol=1e-6), n
 
 
-@pytest.mark.parametrize("case", ["turned off", "bfloat16 weights", "adapter on a tied head", "no adapter"])
+@pytest.mark.parametrize("case", ["turned off", "bfloat16 weights", "adapter on a tied head", "full fine-tune"])
 def test_no_merge_where_it_would_change_the_outputs_or_is_turned_off(tmp_path, case):
-    extra = ["lora.include_lm_head=true"] if case == "adapter on a tied head" else []
-    cfg, tok, task, model, records = lora_model(tmp_path, *extra)
+    extra = {"adapter on a tied head": ["lora.include_lm_head=true"], "full fine-tune": ["lora=none"]}
+    cfg, tok, task, model, records = lora_model(tmp_path, *extra.get(case, []))
     if case == "bfloat16 weights":
         model = model.to(torch.bfloat16)
-    if case == "no adapter":
-        model = model.get_base_model()
     if case == "adapter on a tied head":
         head = model.get_output_embeddings()
         assert head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
