@@ -124,15 +124,50 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+class FirstStep:
+    """Log-probabilities of chosen tokens as the next token after each prompt, read off the
+    first step of generation: the model's distribution at the prompt's last position, before
+    any token is chosen (raw logits, before sampling or other processing).
+
+    With ``eval.method=both``, a label of one token after a prompt has its likelihood there
+    already: ``label_logprobs`` takes it from here instead of encoding the prompt again,
+    wherever its context is exactly the ids generation encoded. Decoder-only models only.
+    """
+
+    def __init__(self, ids: Sequence[int]):
+        self.ids = list(dict.fromkeys(int(i) for i in ids))
+        self._column = {t: c for c, t in enumerate(self.ids)}
+        self._context: dict[int, tuple] = {}
+        self._logprobs: dict[int, torch.Tensor] = {}
+
+    def record(self, prompts: Sequence[int], contexts: Sequence[Sequence[int]], logits: torch.Tensor) -> None:
+        """``logits``: (len(prompts), vocab), the next-token logits after each prompt's ``contexts``."""
+        logp = torch.log_softmax(logits.float(), -1)[:, self.ids].cpu()
+        for row, (i, context) in enumerate(zip(prompts, contexts)):
+            self._context[i], self._logprobs[i] = tuple(context), logp[row]
+
+    def get(self, prompt: int, context: Sequence[int], tokens: Sequence[int]) -> torch.Tensor | None:
+        """Log-probs of ``tokens`` after prompt ``prompt``, or None if it was not generated from
+        exactly ``context`` or a token was not recorded."""
+        if self._context.get(prompt) != tuple(context) or any(t not in self._column for t in tokens):
+            return None
+        return self._logprobs[prompt][[self._column[t] for t in tokens]]
+
+    def __len__(self) -> int:
+        return len(self._context)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int | BatchSize = 16,
-             max_length: int | None = None, seed: int = 0, share_prefix: bool = True) -> list[str]:
+             max_length: int | None = None, seed: int = 0, share_prefix: bool = True,
+             first_step: FirstStep | None = None) -> list[str]:
     """Generate a completion per prompt; returns only the text after the prompt.
 
     ``max_length`` caps the prompt at its last ``max_length`` tokens (the end of a
     prompt carries the question); None keeps it whole. With ``share_prefix``, the
     token prefix all prompts share is encoded once and each batch generates from a
-    copy of its cache (decoder-only models; see ``_generate_batch``).
+    copy of its cache (decoder-only models; see ``_generate_batch``). ``first_step``
+    (decoder-only models) records the next-token log-probs of its tokens after each prompt.
     """
     model.eval()
     device = _model_device(model)
@@ -156,6 +191,9 @@ def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int 
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if gcfg.stop:
         kwargs.update(stop_strings=list(gcfg.stop), tokenizer=tokenizer)
+    capture = first_step is not None and not seq2seq
+    if capture:  # the raw logits of every step come back; the first step's are read
+        kwargs.update(output_logits=True, return_dict_in_generate=True)
     prefix, cache = [], None
     if share_prefix and not seq2seq and _generate_takes_a_cache(model):
         prefix = _shared_prefix(encoded)
@@ -164,13 +202,16 @@ def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int 
 
     def step(idx: list[int]) -> None:
         if cache is not None:
-            new = _generate_batch(model, [encoded[i] for i in idx], prefix, cache, pad, device,
-                                  gcfg.num_beams, kwargs)
+            out, width = _generate_batch(model, [encoded[i] for i in idx], prefix, cache, pad, device,
+                                         gcfg.num_beams, kwargs)
         else:
             enc = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True,
                                 return_tensors="pt").to(device)
-            out = model.generate(**enc, **kwargs)
-            new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
+            out, width = model.generate(**enc, **kwargs), enc["input_ids"].shape[1]
+        if capture:  # beam search runs num_beams rows per prompt, alike at the first step
+            first_step.record(idx, [encoded[i] for i in idx], out.logits[0][:: max(1, gcfg.num_beams)])
+            out = out.sequences
+        new = out if seq2seq else out[:, width:]
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             outputs[i] = text
 
@@ -183,9 +224,9 @@ def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int 
 
 
 def _generate_batch(model, seqs: list[list[int]], prefix: list[int], cache, pad: int, device, num_beams: int,
-                    kwargs: dict) -> torch.Tensor:
+                    kwargs: dict) -> tuple:
     """Generate from ``seqs`` that all start with ``prefix``, whose cache is given; returns
-    the new tokens only.
+    what ``model.generate`` returns and the width of its input (the new tokens start there).
 
     Each row is the prefix, then padding, then the row's own tokens, so all rows end
     at the last column. The attention mask hides the padding, and generate counts
@@ -200,7 +241,7 @@ def _generate_batch(model, seqs: list[list[int]], prefix: list[int], cache, pad:
     # beam search runs num_beams rows per prompt but does not widen a given cache itself
     batch_cache = _batch_cache(cache, len(seqs) * max(1, num_beams))
     out = model.generate(input_ids=input_ids, attention_mask=attn, **{_cache_name(model): batch_cache}, **kwargs)
-    return out[:, input_ids.shape[1]:]
+    return out, input_ids.shape[1]
 
 
 def _generate_takes_a_cache(model) -> bool:
@@ -283,7 +324,8 @@ MIN_SHARED_PREFIX = 8
 def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[str], *,
                    batch_size: int | BatchSize = 32,
                    max_length: int | None = None, share_prefix: bool = True,
-                   join: Callable[[str, str], str] | None = None) -> torch.Tensor:
+                   join: Callable[[str, str], str] | None = None,
+                   first_step: FirstStep | None = None) -> torch.Tensor:
     """Summed log-probability of each option's tokens after each prompt: (len(prompts), len(options)).
 
     With ``join(prompt, option)`` each option is encoded as it continues its own
@@ -296,7 +338,9 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[s
     otherwise each prompt x option pair is a sequence and a multi-token option sums
     over its tokens. The token prefix all prompts share is encoded once and its cache
     reused by every batch (``share_prefix``); without one, batches are left-padded
-    with explicit position ids and only the logits that are read are computed.
+    with explicit position ids and only the logits that are read are computed. One-token
+    options after a prompt that ``first_step`` saw generated from the same ids are read
+    from it, and that prompt is not encoded again.
     """
     model.eval()
     device = _model_device(model)
@@ -321,17 +365,31 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], options: Sequence[s
             part = _seq2seq_logprobs(model, group_ids, option_ids, torch.zeros(len(members), len(options)), pad,
                                      sizer, device)
         else:
-            part = _causal_logprobs(model, group_ids, option_ids, pad, sizer, device, share_prefix)
+            known = None
+            if first_step is not None and all(len(ids) == 1 for ids in option_ids):
+                first = [ids[0] for ids in option_ids]
+                known = [first_step.get(i, ids, first) for i, ids in zip(members, group_ids)]
+            part = _causal_logprobs(model, group_ids, option_ids, pad, sizer, device, share_prefix, known)
         scores[members] = part
     return scores
 
 
-def _causal_logprobs(model, prompt_ids, option_ids, pad, sizer: BatchSize, device, share_prefix) -> torch.Tensor:
+def _causal_logprobs(model, prompt_ids, option_ids, pad, sizer: BatchSize, device, share_prefix,
+                     known: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """``known``: for one-token options, each prompt's options' log-probs where already known (else None)."""
     scores = torch.zeros(len(prompt_ids), len(option_ids))
-    forward = _Forward(model, pad, device, _shared_prefix(prompt_ids) if share_prefix else [])
     if all(len(ids) == 1 for ids in option_ids):
         first = torch.tensor([ids[0] for ids in option_ids])
-        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+        rest = list(range(len(prompt_ids)))
+        if known is not None:
+            for i, logp in enumerate(known):
+                if logp is not None:
+                    scores[i] = logp
+            rest = [i for i, logp in enumerate(known) if logp is None]
+        if not rest:
+            return scores
+        forward = _Forward(model, pad, device, _shared_prefix([prompt_ids[i] for i in rest]) if share_prefix else [])
+        order = sorted(rest, key=lambda i: -len(prompt_ids[i]))
 
         def step(idx):
             logp = forward([prompt_ids[i] for i in idx], 1)[:, -1].cpu()
@@ -340,6 +398,7 @@ def _causal_logprobs(model, prompt_ids, option_ids, pad, sizer: BatchSize, devic
         sizer.run(order, step, "likelihood", length=lambda i: len(prompt_ids[i]))
         return scores
 
+    forward = _Forward(model, pad, device, _shared_prefix(prompt_ids) if share_prefix else [])
     pairs = [(i, j) for i in range(len(prompt_ids)) for j in range(len(option_ids))]
     pairs.sort(key=lambda ij: -(len(prompt_ids[ij[0]]) + len(option_ids[ij[1]])))
 
@@ -525,7 +584,7 @@ def surface_forms(answer: str) -> list[str]:
 
 
 def label_scores(model, tokenizer, task, prompts: Sequence[str], record: dict, ecfg, max_length=None,
-                 batch_size: int | BatchSize | None = None) -> torch.Tensor:
+                 batch_size: int | BatchSize | None = None, first_step: FirstStep | None = None) -> torch.Tensor:
     """Log-score of each label after each prompt: (len(prompts), len(labels)).
 
     ``eval.label_scoring=exact``: the log-probability of the label's answer exactly as
@@ -533,21 +592,42 @@ def label_scores(model, tokenizer, task, prompts: Sequence[str], record: dict, e
     ``surface_forms``: the total probability of the label's surface forms
     (``surface_forms``), so a base model that would write ``Positive`` or
     `` positive`` is credited too; zero-shot baselines depend on it.
+    ``first_step``: one-token options already read off generation (``FirstStep``).
     """
-    answers = [task.completion({**record, task.cfg.target: k}) for k in task.label_keys]
+    options, join, owner = _scored_options(task, record, ecfg)
     sizer = BatchSize(ecfg.batch_size, ecfg.batch_tokens) if batch_size is None else _batch_size(batch_size)
+    scores = label_logprobs(model, tokenizer, prompts, options, batch_size=sizer, max_length=max_length, join=join,
+                            first_step=first_step)
+    if owner is None:
+        return scores
+    owner_t = torch.tensor(owner)
+    return torch.stack([torch.logsumexp(scores[:, owner_t == label], dim=1) for label in range(int(max(owner)) + 1)], 1)
+
+
+def _scored_options(task, record: dict, ecfg) -> tuple[list[str], Callable[[str, str], str], list[int] | None]:
+    """(the texts ``label_scores`` scores after each prompt, how each continues a prompt, which
+    label each text belongs to: None when they are the labels' answers themselves, one each)."""
+    answers = [task.completion({**record, task.cfg.target: k}) for k in task.label_keys]
     if ecfg.label_scoring == "exact":
-        return label_logprobs(model, tokenizer, prompts, answers, batch_size=sizer, max_length=max_length,
-                              join=join_answer)
+        return answers, join_answer, None
     forms, owner = [], []
     for label, answer in enumerate(answers):
         for form in surface_forms(answer):
             forms.append(form)
             owner.append(label)
-    per_form = label_logprobs(model, tokenizer, prompts, forms, batch_size=sizer, max_length=max_length,
-                              join=lambda prompt, form: form)
-    owner_t = torch.tensor(owner)
-    return torch.stack([torch.logsumexp(per_form[:, owner_t == label], dim=1) for label in range(len(answers))], 1)
+    return forms, (lambda prompt, form: form), owner
+
+
+def first_tokens(tokenizer, task, prompts: Sequence[str], record: dict, ecfg, sample: int = 8) -> list[int]:
+    """The tokens the one-token options of ``label_scores`` are, after the first ``sample`` prompts:
+    what a ``FirstStep`` records. Prompts of one task end alike, so these cover the rest; a prompt
+    whose options encode otherwise is scored by its own forward pass."""
+    options, join, _ = _scored_options(task, record, ecfg)
+    found: set[int] = set()
+    for prompt in prompts[:sample]:
+        _, answer_ids = answer_split(tokenizer, prompt, [join(prompt, o) for o in options])
+        found.update(ids[0] for ids in answer_ids if len(ids) == 1)
+    return sorted(found)
 
 
 def written_metrics(cfg, task, record: dict) -> set[str]:
@@ -621,11 +701,15 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
     # load the metrics library up front: a one-off import is not evaluation time, and
     # with method=both it would otherwise count against whichever method runs first
     evaluate_library()
+    # with both methods, one-token labels are read off generation's first step (the same forward pass)
+    first_step = None
+    if len(methods) > 1 and not getattr(model.config, "is_encoder_decoder", False):
+        first_step = FirstStep(first_tokens(tokenizer, task, prompts, records[0], ecfg))
     for method in methods:
         start = time.perf_counter()
         if method == "generate":
             raw = generate(model, tokenizer, prompts, task.cfg.generation, batch_size=sizer,
-                           max_length=max_len, seed=ecfg.seed)
+                           max_length=max_len, seed=ecfg.seed, first_step=first_step)
             preds = [task.clean_prediction(t) for t in raw]
             m, per_row = task.score(preds, records)
             for row, pred, extra in zip(rows, preds, per_row):
@@ -634,7 +718,8 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
                     row.setdefault(k, v)
             results["generate"] = [r.get("predicted_label") for r in per_row]
         else:
-            scores = label_scores(model, tokenizer, task, prompts, records[0], ecfg, max_len, batch_size=sizer)
+            scores = label_scores(model, tokenizer, task, prompts, records[0], ecfg, max_len, batch_size=sizer,
+                                  first_step=first_step)
             parsed = scores.argmax(-1).tolist()
             gold = [task.label_index(r) for r in records]
             prefix = "eval/" if len(methods) == 1 else "eval/likelihood_"

@@ -98,6 +98,53 @@ def test_likelihood_and_generate_agree_on_a_model_that_answers_correctly(trained
                for r in rows)
 
 
+def test_both_methods_read_one_token_labels_off_generation_with_the_same_scores(trained):
+    """eval.method=both scores the labels from generation's first step: the same label log-probs
+    as eval.method=likelihood alone, and no prompt is encoded a second time for them."""
+    cfg, model, tok, task, records = trained
+    runs = {}
+    for method in (EvalMethod.likelihood, EvalMethod.generate, EvalMethod.both):
+        with open_dict(cfg):
+            cfg.eval.method = method
+        widths = _Widths(model)
+        metrics, rows = evaluation.evaluate(cfg, model, tok, task, records)
+        widths.handle.remove()
+        runs[method] = metrics, rows, widths.seen
+    alone, both = runs[EvalMethod.likelihood], runs[EvalMethod.both]
+    assert both[2] == runs[EvalMethod.generate][2]  # the prompts were encoded by generation only
+    assert len(alone[2]) > 0
+    for a, b in zip(alone[1], both[1]):
+        assert a["label_logprobs"].keys() == b["label_logprobs"].keys()
+        assert all(abs(a["label_logprobs"][w] - b["label_logprobs"][w]) <= 2e-4 for w in a["label_logprobs"])
+    assert both[0]["eval/likelihood_accuracy"] == alone[0]["eval/accuracy"] == 1.0
+
+
+def test_a_prompt_generation_saw_otherwise_is_encoded_again(trained):
+    """``FirstStep`` answers only for the exact ids a prompt was generated from, and only for the
+    tokens it recorded; any other prompt is scored by its own forward pass, to the same figures."""
+    cfg, model, tok, task, records = trained
+    prompts = [task.prompt(r) for r in records[:6]]
+    options = [" positive", " negative"]
+    plain = evaluation.label_logprobs(model, tok, prompts, options, batch_size=4)
+    ids = evaluation.option_token_ids(tok, options)
+    assert all(len(t) == 1 for t in ids)
+    step = evaluation.FirstStep([t[0] for t in ids])
+    gen = OmegaConf.merge(cfg.task.generation, {"max_new_tokens": 2})
+    evaluation.generate(model, tok, prompts, gen, batch_size=4, first_step=step)
+    assert len(step) == len(prompts)
+    wrong = evaluation.FirstStep([t[0] for t in ids])  # then prompt 0 recorded from other ids, made-up scores
+    evaluation.generate(model, tok, prompts, gen, batch_size=4, first_step=wrong)
+    wrong.record([0], [[1, 2, 3]], torch.zeros(1, len(tok)))
+    half = evaluation.FirstStep([ids[0][0]])  # " negative" not recorded
+    evaluation.generate(model, tok, prompts, gen, batch_size=4, first_step=half)
+    for first_step, encoded in ((step, 0), (wrong, 1), (half, len(prompts))):
+        widths = _Widths(model)
+        got = evaluation.label_logprobs(model, tok, prompts, options, batch_size=4, first_step=first_step)
+        widths.handle.remove()
+        assert torch.allclose(got, plain, atol=1e-5), (got - plain).abs().max()
+        assert sum(rows for rows, _ in widths.seen) == encoded  # rows encoded by the scoring itself
+
+
 def test_greedy_outputs_are_the_same_at_batch_size_1_and_16(trained):
     cfg, model, tok, task, records = trained
     prompts = [task.prompt(r) for r in records]
