@@ -394,31 +394,30 @@ def evaluation_speed(name, cfg, task, eval_rows, eval_prompts, eval_labels, run_
     rows.append(Row(name, what, "generate, one model.generate() per sentence", time=f"{num(seconds)} s",
                     throughput=f"{num(rate['one'])} ex/s", accuracy=f"{accuracy:.3f}", note=f"n={n}"))
 
-    for key, variant, method in (("batched", f"generate, ftexp batched (eval.batch_size={cfg.eval.batch_size})",
-                                  "generate"),
-                                 ("likelihood", "label likelihood, ftexp (eval.method=likelihood)", "likelihood")):
-        say(f"{name}: evaluation, {variant}")
-        with modeling.merged_adapter(model, cfg.eval.merge_adapter):  # as the recipe evaluates a finished run
+    # ftexp's rows: the adapter merged once, as the recipe evaluates a finished run
+    with modeling.merged_adapter(model, cfg.eval.merge_adapter):
+        for key, variant, method in (("batched", f"generate, ftexp batched (eval.batch_size={cfg.eval.batch_size})",
+                                      "generate"),
+                                     ("likelihood", "label likelihood, ftexp (eval.method=likelihood)", "likelihood")):
+            say(f"{name}: evaluation, {variant}")
             m, _ = evaluation.evaluate(with_keys(cfg, eval__method=method), model, tokenizer, task, eval_rows)
-        rate[key] = n / m["eval/runtime_s"]
-        rows.append(Row(name, what, variant, time=f"{num(m['eval/runtime_s'])} s", throughput=f"{num(rate[key])} ex/s",
-                        accuracy=f"{m['eval/accuracy']:.3f}", note=f"n={n}"))
+            rate[key] = n / m["eval/runtime_s"]
+            rows.append(Row(name, what, variant, time=f"{num(m['eval/runtime_s'])} s",
+                            throughput=f"{num(rate[key])} ex/s", accuracy=f"{m['eval/accuracy']:.3f}", note=f"n={n}"))
 
-    outputs = {}  # batched generation alone, the prompt prefix shared and not: same batches, same outputs?
-    for share in (False, True):
-        variant = f"generate, batched, prompt prefix {'shared (ftexp)' if share else 'not shared'}"
-        say(f"{name}: evaluation, {variant}")
-        with modeling.merged_adapter(model, cfg.eval.merge_adapter):
+        outputs = {}  # batched generation alone, the prompt prefix shared and not: same batches, same outputs?
+        for share in (False, True):
+            variant = f"generate, batched, prompt prefix {'shared (ftexp)' if share else 'not shared'}"
+            say(f"{name}: evaluation, {variant}")
             start = time.perf_counter()
             outputs[share] = evaluation.generate(model, tokenizer, eval_prompts, task.cfg.generation,
-                                                 batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-                                                 share_prefix=share)
+                                                 batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, share_prefix=share)
             seconds = time.perf_counter() - start
-        rate["shared" if share else "unshared"] = n / seconds
-        rows.append(Row(name, what, variant, time=f"{num(seconds)} s", throughput=f"{num(n / seconds)} ex/s",
-                        note=f"n={n}, generation only" + (", outputs identical to the unshared ones: "
-                                                          f"{'yes' if outputs[True] == outputs[False] else 'NO'}"
-                                                          if share else "")))
+            rate["shared" if share else "unshared"] = n / seconds
+            rows.append(Row(name, what, variant, time=f"{num(seconds)} s", throughput=f"{num(n / seconds)} ex/s",
+                            note=f"n={n}, generation only" + (", outputs identical to the unshared ones: "
+                                                              f"{'yes' if outputs[True] == outputs[False] else 'NO'}"
+                                                              if share else "")))
     del model
     gc.collect()
     return rows, {"eval_one_per_s": rate["one"], "eval_batched_per_s": rate["batched"],

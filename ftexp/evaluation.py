@@ -388,7 +388,7 @@ def _causal_logprobs(model, prompt_ids, option_ids, pad, sizer: BatchSize, devic
             rest = [i for i, logp in enumerate(known) if logp is None]
         if not rest:
             return scores
-        forward = _Forward(model, pad, device, _shared_prefix([prompt_ids[i] for i in rest]) if share_prefix else [])
+        forward = _Forward(model, pad, device, _shared_prefix(prompt_ids) if share_prefix else [])
         order = sorted(rest, key=lambda i: -len(prompt_ids[i]))
 
         def step(idx):
@@ -704,7 +704,8 @@ def evaluate(cfg, model, tokenizer, task, eval_rows, shot_pool=None) -> tuple[di
     # with both methods, one-token labels are read off generation's first step (the same forward pass)
     first_step = None
     if len(methods) > 1 and not getattr(model.config, "is_encoder_decoder", False):
-        first_step = FirstStep(first_tokens(tokenizer, task, prompts, records[0], ecfg))
+        tokens = first_tokens(tokenizer, task, prompts, records[0], ecfg)
+        first_step = FirstStep(tokens) if tokens else None  # no one-token label: nothing to read
     for method in methods:
         start = time.perf_counter()
         if method == "generate":

@@ -368,19 +368,36 @@ def why_not_merged(model) -> str | None:
 
 
 @contextlib.contextmanager
-def merged_adapter(model, enabled: bool = True):
+def merged_adapter(model, enabled: bool = True, autocast: bool = False):
     """Inside, ``model``'s LoRA adapter is folded into its base weights (peft's ``merge_adapter``),
     so each adapted layer runs one matmul instead of three plus a scale and an add; on leaving,
     it is taken out again (``unmerge_adapter``). For evaluation of a model that trains no
     further: the outputs equal the unmerged model's to float32 rounding (``why_not_merged``
-    says where they would not, and the adapter then stays unmerged). Yields whether it merged."""
-    reason = why_not_merged(model) if enabled else "eval.merge_adapter=false"
+    says where they would not, and the adapter then stays unmerged). ``autocast``: the model
+    was trained with mixed precision and its forward still runs under autocast, which would
+    round the merged weights to 16 bits; it stays unmerged. A merge that fails is undone and
+    the evaluation goes on unmerged. Yields whether it merged."""
+    if not enabled:
+        reason = "eval.merge_adapter=false"
+    elif autocast:
+        reason = "the trained model runs under mixed-precision autocast, which would round the merged weights"
+    else:
+        reason = why_not_merged(model)
+    if reason is None:
+        try:
+            model.merge_adapter()
+        except Exception as err:  # e.g. a layer type peft cannot merge: evaluate as trained
+            from peft.tuners.lora import LoraLayer
+
+            for layer in model.modules():  # the layers merged before the failure
+                if isinstance(layer, LoraLayer) and layer.merged:
+                    layer.unmerge()
+            reason = f"merging failed ({type(err).__name__}: {err})"
     if reason is not None:
         if reason != "no LoRA adapter":
             log.info("evaluating with the LoRA adapter unmerged: %s", reason)
         yield False
         return
-    model.merge_adapter()
     log.info("evaluating with the LoRA adapter merged into the float32 base weights (eval.merge_adapter)")
     try:
         yield True

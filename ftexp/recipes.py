@@ -310,7 +310,8 @@ def evaluate_trained(run: Run, model, tokenizer, task, data: Data, metrics: dict
         return None
     memory.reset_peak(run.device)  # eval/peak_memory_mb: this phase's own
     try:
-        with modeling.merged_adapter(model, cfg.eval.merge_adapter):  # training is over: the weights may change
+        # training is over: the weights may change; under mixed precision the trainer's autocast stays on the forward
+        with modeling.merged_adapter(model, cfg.eval.merge_adapter, autocast=cfg.train.bf16 or cfg.train.fp16):
             found, rows = evaluation.evaluate(cfg, model, tokenizer, task, data.eval, data.pool)
         found["eval/peak_memory_mb"] = memory.peak_mb(run.device)
     except Exception:  # keep what training produced; the saved model can be evaluated again

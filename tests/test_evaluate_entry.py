@@ -123,3 +123,19 @@ def test_path_overrides_holding_an_equals_sign_are_quoted_for_hydra():
         "run='out/s/0_lr=0.001'", "output_dir='a=b'", "judge.baseline='x=y'", "train.n=8", "+data.path='d/n=1'",
         "eval.n=2"]
     assert quote_paths(["run=it's/n=1"]) == ["run=\"it's/n=1\""]
+
+
+def test_a_finished_lora_run_is_evaluated_with_its_adapter_merged_unless_turned_off(trained_runs, tmp_path, caplog):
+    caplog.set_level("INFO", logger="ftexp.modeling")
+    recipes.finetune(compose_cfg(["lora=default", "train.max_steps=2", "eval.n=4"], tmp_path / "train"))
+    assert "LoRA adapter merged into the float32 base weights" in caplog.text  # train.py's evaluation
+    run, found = trained_runs["lora"], {}
+    for flag, said in (("true", "LoRA adapter merged"), ("false", "unmerged: eval.merge_adapter=false")):
+        cfg = compose_cfg(["eval.n=8", f"eval.merge_adapter={flag}", f"+run={run}"], tmp_path / flag)
+        with open_dict(cfg):
+            cfg.run = str(run)
+        caplog.clear()
+        recipes.evaluate_only(cfg, overrides=["eval.n", "eval.merge_adapter", "run"])
+        assert said in caplog.text
+        found[flag] = [r["prediction"] for r in _lines(tmp_path / flag / "predictions.jsonl")]
+    assert found["true"] == found["false"]
