@@ -12,6 +12,7 @@ trained run is re-evaluated with: its own, plus evaluation settings only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -192,25 +193,27 @@ def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int 
     if gcfg.stop:
         kwargs.update(stop_strings=list(gcfg.stop), tokenizer=tokenizer)
     capture = first_step is not None and not seq2seq
-    if capture:  # the raw logits of every step come back; the first step's are read
-        kwargs.update(output_logits=True, return_dict_in_generate=True)
     prefix, cache = [], None
     if share_prefix and not seq2seq and _generate_takes_a_cache(model):
         prefix = _shared_prefix(encoded)
         cache = _prefix_cache(model, prefix, device, "generation")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def step(idx: list[int]) -> None:
+    def run(idx: list[int]) -> tuple:
         if cache is not None:
-            out, width = _generate_batch(model, [encoded[i] for i in idx], prefix, cache, pad, device,
-                                         gcfg.num_beams, kwargs)
+            return _generate_batch(model, [encoded[i] for i in idx], prefix, cache, pad, device, gcfg.num_beams,
+                                   kwargs)
+        enc = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt").to(device)
+        return model.generate(**enc, **kwargs), enc["input_ids"].shape[1]
+
+    def step(idx: list[int]) -> None:
+        if capture:
+            with _first_logits(model) as first:
+                out, width = run(idx)
+            # beam search runs num_beams rows per prompt, alike at the first step
+            first_step.record(idx, [encoded[i] for i in idx], first[0][:: max(1, gcfg.num_beams)])
         else:
-            enc = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True,
-                                return_tensors="pt").to(device)
-            out, width = model.generate(**enc, **kwargs), enc["input_ids"].shape[1]
-        if capture:  # beam search runs num_beams rows per prompt, alike at the first step
-            first_step.record(idx, [encoded[i] for i in idx], out.logits[0][:: max(1, gcfg.num_beams)])
-            out = out.sequences
+            out, width = run(idx)
         new = out if seq2seq else out[:, width:]
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             outputs[i] = text
@@ -221,6 +224,25 @@ def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int 
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = old_side, old_trunc
     return outputs
+
+
+@contextlib.contextmanager
+def _first_logits(model):
+    """Inside, the first forward pass of ``model`` (generation's first step) leaves its logits at the
+    last position, unprocessed, in the yielded list: (rows, vocab). A forward hook on the model
+    that ``generate`` runs (a peft model's base model), so no later step's logits are kept."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        if not seen:
+            seen.append(output.logits[:, -1].detach())
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    handle = target.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def _generate_batch(model, seqs: list[list[int]], prefix: list[int], cache, pad: int, device, num_beams: int,

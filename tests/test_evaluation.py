@@ -130,7 +130,8 @@ def test_a_prompt_generation_saw_otherwise_is_encoded_again(trained):
     assert all(len(t) == 1 for t in ids)
     step = evaluation.FirstStep([t[0] for t in ids])
     gen = OmegaConf.merge(cfg.task.generation, {"max_new_tokens": 2})
-    evaluation.generate(model, tok, prompts, gen, batch_size=4, first_step=step)
+    beams = OmegaConf.merge(gen, {"num_beams": 3})  # a prompt's rows: alike at the first step
+    evaluation.generate(model, tok, prompts, beams, batch_size=4, first_step=step)
     assert len(step) == len(prompts)
     wrong = evaluation.FirstStep([t[0] for t in ids])  # then prompt 0 recorded from other ids, made-up scores
     evaluation.generate(model, tok, prompts, gen, batch_size=4, first_step=wrong)
