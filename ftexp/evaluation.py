@@ -210,8 +210,9 @@ def generate(model, tokenizer, prompts: Sequence[str], gcfg, *, batch_size: int 
         if capture:
             with _first_logits(model) as first:
                 out, width = run(idx)
-            # beam search runs num_beams rows per prompt, alike at the first step
-            first_step.record(idx, [encoded[i] for i in idx], first[0][:: max(1, gcfg.num_beams)])
+            if first:  # (a model whose generate runs another module leaves it empty: its prompts are encoded again)
+                # beam search runs num_beams rows per prompt, alike at the first step
+                first_step.record(idx, [encoded[i] for i in idx], first[0][:: max(1, gcfg.num_beams)])
         else:
             out, width = run(idx)
         new = out if seq2seq else out[:, width:]

@@ -106,3 +106,23 @@ def test_a_merge_that_fails_midway_is_undone_and_evaluation_goes_on_unmerged(tmp
         for n, p in model.named_parameters():
             assert torch.allclose(p, before[n], atol=1e-6), n
     assert "merging failed (RuntimeError: this layer type cannot be merged)" in caplog.text
+
+
+def test_a_peft_model_gives_both_methods_its_first_step(tmp_path):
+    """generate on a peft model runs its base model: the first step's logits are read there too,
+    so eval.method=both encodes no prompt a second time for the labels."""
+    cfg, tok, task, model, records = lora_model(tmp_path, "task.generation.max_new_tokens=2")
+    encoded = []
+    handle = model.get_base_model().register_forward_pre_hook(
+        lambda m, args, kwargs: encoded.append(kwargs["input_ids"].shape) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    runs = {}
+    for method in ("generate", "both"):
+        with open_dict(cfg):
+            cfg.eval.method = method
+        encoded.clear()
+        metrics, rows = evaluation.evaluate(cfg, model, tok, task, records)
+        runs[method] = list(encoded)
+    handle.remove()
+    assert runs["both"] == runs["generate"] and runs["generate"]
+    assert all(set(r["label_logprobs"]) == set(task.words) for r in rows)
