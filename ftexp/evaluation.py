@@ -624,7 +624,8 @@ def label_scores(model, tokenizer, task, prompts: Sequence[str], record: dict, e
     if owner is None:
         return scores
     owner_t = torch.tensor(owner)
-    return torch.stack([torch.logsumexp(scores[:, owner_t == label], dim=1) for label in range(int(max(owner)) + 1)], 1)
+    labels = range(len(task.label_keys))
+    return torch.stack([torch.logsumexp(scores[:, owner_t == label], dim=1) for label in labels], 1)
 
 
 def _scored_options(task, record: dict, ecfg) -> tuple[list[str], Callable[[str, str], str], list[int] | None]:

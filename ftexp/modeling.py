@@ -340,6 +340,13 @@ def attach_adapters(model, lcfg, qcfg, gradient_checkpointing: bool = False):
     return model
 
 
+def lora_layers(model) -> list:
+    """peft's LoRA layers in ``model`` (none for a model without an adapter)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
 def why_not_merged(model) -> str | None:
     """Why ``model``'s LoRA adapter cannot be folded into its base weights without changing its
     outputs beyond float32 rounding; None when it can. Merging is exact to rounding only where
@@ -347,12 +354,10 @@ def why_not_merged(model) -> str | None:
     adapter's small update away, a quantized one (bitsandbytes) is requantized, and a weight
     shared with another module (an adapter on a head tied to the input embeddings) would change
     that module too."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    layers = lora_layers(model)
     if not layers or not hasattr(model, "merge_adapter"):
         return "no LoRA adapter"
-    if any(getattr(m, "merged", False) for m in layers):
+    if any(m.merged for m in layers):
         return "already merged"
     shared: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -387,10 +392,8 @@ def merged_adapter(model, enabled: bool = True, autocast: bool = False):
         try:
             model.merge_adapter()
         except Exception as err:  # e.g. a layer type peft cannot merge: evaluate as trained
-            from peft.tuners.lora import LoraLayer
-
-            for layer in model.modules():  # the layers merged before the failure
-                if isinstance(layer, LoraLayer) and layer.merged:
+            for layer in lora_layers(model):  # the layers merged before the failure
+                if layer.merged:
                     layer.unmerge()
             reason = f"merging failed ({type(err).__name__}: {err})"
     if reason is not None:

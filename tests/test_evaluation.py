@@ -306,6 +306,23 @@ def test_k_shot_prompts_fit_the_window_with_whole_shots():
     assert all_k == [3] * 6 and max(len(tok(p)["input_ids"]) for p in unbounded) > window  # the window did it
 
 
+def test_surface_forms_scoring_sums_each_labels_forms(trained):
+    """label_scoring=surface_forms: a label's score is the total probability of its own forms."""
+    cfg, trained_model, tok, task, records = trained
+    model = tiny.build_model(trained_model.config, seed=1).eval()  # untrained: every form has a real share
+    prompts = [task.prompt(r) for r in records[:6]]
+    cfg = OmegaConf.merge(cfg, {"eval": {"label_scoring": "surface_forms"}})
+    got = evaluation.label_scores(model, tok, task, prompts, records[0], cfg.eval)
+    answers = [task.completion({**records[0], task.cfg.target: k}) for k in task.label_keys]
+    per_form = [evaluation.label_logprobs(model, tok, prompts, evaluation.surface_forms(a),
+                                          join=lambda prompt, form: form) for a in answers]
+    expected = torch.stack([torch.logsumexp(p, dim=1) for p in per_form], dim=1)
+    best_form = torch.stack([p.max(dim=1).values for p in per_form], dim=1)
+    assert got.shape == (len(prompts), len(answers))
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert (got - best_form).abs().max() > 1e-3  # the other forms add to the total
+
+
 def test_surface_forms_cover_case_and_leading_space():
     assert evaluation.surface_forms(" positive") == ["positive", " positive", "Positive", " Positive"]
     assert evaluation.surface_forms("Yes") == ["Yes", " Yes", "yes", " yes"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import open_dict
-from peft.tuners.lora import LoraLayer
 
 from conftest import compose_cfg, tiny_setup
 from ftexp import evaluation, modeling, recipes
@@ -30,7 +29,7 @@ def lora_model(tmp_path, *overrides):
 
 
 def merged_flags(model) -> list[bool]:
-    return [m.merged for m in model.modules() if isinstance(m, LoraLayer)]
+    return [m.merged for m in modeling.lora_layers(model)]
 
 
 def scores_and_texts(cfg, tok, task, model, records):
@@ -79,7 +78,8 @@ def test_no_merge_where_it_would_change_the_outputs_or_is_turned_off(tmp_path, c
         assert head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     caplog.set_level("INFO", logger="ftexp.modeling")
-    with modeling.merged_adapter(model, enabled=case != "turned off", autocast=case == "trained under autocast") as merged:
+    off, autocast = case == "turned off", case == "trained under autocast"
+    with modeling.merged_adapter(model, enabled=not off, autocast=autocast) as merged:
         assert not merged
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not any(merged_flags(model))
@@ -92,7 +92,7 @@ def test_no_merge_where_it_would_change_the_outputs_or_is_turned_off(tmp_path, c
 def test_a_merge_that_fails_midway_is_undone_and_evaluation_goes_on_unmerged(tmp_path, caplog, monkeypatch):
     cfg, tok, task, model, records = lora_model(tmp_path)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    layers = modeling.lora_layers(model)
 
     def merge_two_then_fail(*args, **kwargs):
         for layer in layers[:2]:
