@@ -587,7 +587,8 @@ def environment(ceiling: Ceiling, repeats: int) -> str:
     import transformers
     import trl
 
-    return (f"Machine: {throughput.cpu_name()}, {torch.get_num_threads()} torch threads, {platform.system()}; "
+    return (f"Machine: {throughput.cpu_name()}, {torch.get_num_threads()} torch threads, {platform.system()}, "
+            f"heap allocator {memory.heap_allocator() or 'unknown'}; "
             f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {trl.__version__}, "
             f"peft {peft.__version__}.\n"
             f"Ceiling: a {CEILING_SIZE}x{CEILING_SIZE} fp32 matmul on this CPU, measured at the start (best of "
