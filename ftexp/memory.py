@@ -22,7 +22,7 @@ A CPU run's speed and peak also depend on the C heap allocator under torch's ten
 malloc returns large freed blocks to the kernel and faults them in again at the next pass;
 tcmalloc and jemalloc keep them. ``heap_allocator`` says which one serves this process, and a CPU
 training run logs how to preload a faster one that is installed (docs/performance.md: the
-SmolLM2 SST-2 preset trained 1.10x faster with tcmalloc, its peak 12% lower).
+SmolLM2 SST-2 preset trained 1.09-1.12x faster with tcmalloc, its peak 12% lower).
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ ALLOCATORS = ("tcmalloc", "jemalloc")
 # Libraries LD_PRELOAD can load, best first: tcmalloc's minimal build (no heap profiler) ran the
 # SmolLM2 preset's passes as fast as jemalloc or faster (docs/performance.md)
 PRELOADABLE = ("tcmalloc_minimal", "tcmalloc", "jemalloc")
-MEASURED = "the SmolLM2 SST-2 preset trained 1.10x faster with tcmalloc, its peak memory 12% lower"
+MEASURED = "the SmolLM2 SST-2 preset trained 1.09-1.12x faster with tcmalloc, its peak memory 12% lower"
 _noted: set[str] = set()
 
 
