@@ -18,9 +18,9 @@ That peak is the run's own, also when a sweep runs many trainings in one process
 on a GPU the CUDA allocator's peak, on a Linux CPU the kernel's resident-set
 high-water mark (VmHWM), each reset when training starts.
 
-A CPU run's speed and peak also depend on the C heap allocator under torch's tensors. glibc's
-malloc returns large freed blocks to the kernel and faults them in again at the next pass;
-tcmalloc and jemalloc keep them. ``heap_allocator`` says which one serves this process, and a CPU
+A CPU run's speed and peak also depend on the C heap allocator under torch's tensors: a pass
+runs faster on tcmalloc or jemalloc than on glibc's malloc, which also hands large freed blocks
+back to the kernel and faults them in again. ``heap_allocator`` says which one serves this process, and a CPU
 training run logs how to preload a faster one that is installed (docs/performance.md: the
 SmolLM2 SST-2 preset trained 1.09-1.12x faster with tcmalloc, its peak 12% lower).
 """
