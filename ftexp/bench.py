@@ -47,7 +47,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from transformers import PrinterCallback, TrainerCallback
 
-from ftexp import architecture, evaluation, gguf, gpu_check, memory, modeling, presets, recipes, throughput, training
+from ftexp import allocator, architecture, evaluation, gguf, gpu_check, memory, modeling, presets, recipes, throughput, training
 from ftexp.config import validate
 from ftexp.errors import ConfigError
 from ftexp.tasks import corpus
@@ -588,7 +588,7 @@ def environment(ceiling: Ceiling, repeats: int) -> str:
     import trl
 
     return (f"Machine: {throughput.cpu_name()}, {torch.get_num_threads()} torch threads, {platform.system()}, "
-            f"heap allocator {memory.heap_allocator() or 'unknown'}; "
+            f"heap allocator {allocator.current() or 'unknown'}; "
             f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {trl.__version__}, "
             f"peft {peft.__version__}.\n"
             f"Ceiling: a {CEILING_SIZE}x{CEILING_SIZE} fp32 matmul on this CPU, measured at the start (best of "

@@ -17,17 +17,10 @@ and ``model/weight_memory_mb``; the training peak is ``train/peak_memory_mb``.
 That peak is the run's own, also when a sweep runs many trainings in one process:
 on a GPU the CUDA allocator's peak, on a Linux CPU the kernel's resident-set
 high-water mark (VmHWM), each reset when training starts.
-
-A CPU run's speed and peak also depend on the C heap allocator under torch's tensors: a pass
-runs faster on tcmalloc or jemalloc than on glibc's malloc, which also hands large freed blocks
-back to the kernel and faults them in again. ``heap_allocator`` says which one serves this process, and a CPU
-training run logs how to preload a faster one that is installed (docs/performance.md: the
-SmolLM2 SST-2 preset trained 1.09-1.12x faster with tcmalloc, its peak 12% lower).
 """
 
 from __future__ import annotations
 
-import ctypes.util
 import logging
 import resource
 import sys
@@ -220,54 +213,3 @@ def peak_mb(device: str) -> float:
     except (OSError, StopIteration):
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss / MB if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
-
-
-MAPS = Path("/proc/self/maps")
-# Heap allocators that take over malloc when preloaded, as their library files are named
-ALLOCATORS = ("tcmalloc", "jemalloc")
-# Libraries LD_PRELOAD can load, best first: tcmalloc's minimal build (no heap profiler) ran the
-# SmolLM2 preset's passes as fast as jemalloc or faster (docs/performance.md)
-PRELOADABLE = ("tcmalloc_minimal", "tcmalloc", "jemalloc")
-MEASURED = "the SmolLM2 SST-2 preset trained 1.09-1.12x faster with tcmalloc, its peak memory 12% lower"
-_noted: set[str] = set()
-
-
-def heap_allocator(maps: Path = MAPS) -> str | None:
-    """The heap allocator serving this process: ``tcmalloc`` or ``jemalloc`` when its library is
-    mapped (an ``LD_PRELOAD``), else ``libc``; None where the mappings cannot be read (not Linux)."""
-    try:
-        text = maps.read_text()
-    except OSError:
-        return None
-    names = {line.rsplit("/", 1)[-1] for line in text.splitlines() if "/" in line}
-    return next((a for a in ALLOCATORS if any(n.startswith(f"lib{a}") for n in names)), "libc")
-
-
-def preloadable_allocator(find=ctypes.util.find_library) -> str | None:
-    """The library name of an installed tcmalloc or jemalloc as ``LD_PRELOAD`` takes it (the dynamic
-    loader finds it by that name), best first; None when neither is installed."""
-    return next((lib for lib in map(find, PRELOADABLE) if lib), None)
-
-
-def note_allocator(device: str, maps: Path = MAPS, find=ctypes.util.find_library) -> str | None:
-    """Log, once per process and for a CPU run only, which heap allocator training runs on and, when
-    it is glibc's, the command that preloads a faster one (or the package that installs one).
-    Returns the allocator's name."""
-    if device != "cpu":
-        return None
-    allocator = heap_allocator(maps)
-    if allocator is None or allocator in _noted:
-        return allocator
-    _noted.add(allocator)
-    if allocator != "libc":
-        log.info("heap allocator: %s (preloaded)", allocator)
-        return allocator
-    lib = preloadable_allocator(find)
-    if lib:
-        log.info("heap allocator: glibc's malloc. %s is installed: start with LD_PRELOAD=%s python train.py ... "
-                 "(%s; docs/performance.md)", lib, lib, MEASURED)
-    else:
-        log.info("heap allocator: glibc's malloc. Installing tcmalloc (Debian/Ubuntu: apt-get install "
-                 "libtcmalloc-minimal4) and starting with LD_PRELOAD=libtcmalloc_minimal.so.4 trains faster "
-                 "on a CPU (%s; docs/performance.md)", MEASURED)
-    return allocator

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithFlattening, EarlyStoppingCallback, PrinterCallback, TrainerCallback
 
-from ftexp import distributed, loss, memory, throughput
+from ftexp import allocator, distributed, loss, memory, throughput
 from ftexp import rows as training_rows  # "rows" names local variables here
 from ftexp.errors import ConfigError
 from ftexp.tasks import metric_direction
@@ -606,7 +606,7 @@ def train(cfg, model, tokenizer, train_records, run_dir: Path, device: str, repo
     (epochs, write): ``write(epoch, state, train_metrics)`` at the end of each of those epochs.
     """
     memory.reset_peak(device)  # train/peak_memory_mb: from here, this run's own (also in a one-process sweep)
-    memory.note_allocator(device)
+    allocator.note(device)
     scratch = run_dir / CHECKPOINTS  # the trainer's output_dir: checkpoints only
     resume, resume_step = last_checkpoint(scratch)
     if resume is None and cfg.train.save_steps and not cfg.output_dir:

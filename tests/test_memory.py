@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -117,68 +114,3 @@ def test_each_run_in_one_process_reports_its_own_peak(tmp_path):
     del ballast
     second = recipes.finetune(compose_cfg(overrides, tmp_path / "second"))["train/peak_memory_mb"]
     assert first > 400 and 0 < second < first - 300
-
-
-# The C heap allocator: which one serves the process, and the hint a CPU run logs
-
-MAPS_LINE = "7f00-7f01 r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/{}\n"
-
-
-def _maps(tmp_path, *libs):
-    path = tmp_path / "maps"
-    path.write_text("".join(MAPS_LINE.format(lib) for lib in ("libc.so.6", *libs)) + "7f02-7f03 rw-p 0 0 0 [heap]\n")
-    return path
-
-
-def test_heap_allocator_is_read_off_the_mapped_libraries(tmp_path):
-    assert memory.heap_allocator(_maps(tmp_path)) == "libc"
-    assert memory.heap_allocator(_maps(tmp_path, "libtcmalloc_minimal.so.4.5.10")) == "tcmalloc"
-    assert memory.heap_allocator(_maps(tmp_path, "libjemalloc.so.2")) == "jemalloc"
-    assert memory.heap_allocator(tmp_path / "no-such-file") is None  # no /proc: unknown, not glibc
-
-
-def test_tcmalloc_is_preferred_and_absence_is_none():
-    installed = {"jemalloc": "libjemalloc.so.2", "tcmalloc_minimal": "libtcmalloc_minimal.so.4"}
-    assert memory.preloadable_allocator(installed.get) == "libtcmalloc_minimal.so.4"
-    assert memory.preloadable_allocator({"jemalloc": "libjemalloc.so.2"}.get) == "libjemalloc.so.2"
-    assert memory.preloadable_allocator(lambda name: None) is None
-
-
-def test_a_cpu_run_on_glibc_malloc_is_told_the_preload_command_once(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(memory, "_noted", set())
-    find = {"jemalloc": "libjemalloc.so.2"}.get
-    with caplog.at_level(logging.INFO, logger="ftexp.memory"):
-        assert memory.note_allocator("cpu", _maps(tmp_path), find) == "libc"
-        memory.note_allocator("cpu", _maps(tmp_path), find)  # a sweep's second trial in the same process
-    hints = [r.getMessage() for r in caplog.records if "heap allocator" in r.getMessage()]
-    assert len(hints) == 1 and "LD_PRELOAD=libjemalloc.so.2 python train.py" in hints[0]
-
-
-def test_no_hint_on_a_gpu_and_none_to_give_when_preloaded(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(memory, "_noted", set())
-    with caplog.at_level(logging.INFO, logger="ftexp.memory"):
-        assert memory.note_allocator("cuda", _maps(tmp_path)) is None
-        preloaded = _maps(tmp_path, "libtcmalloc.so.4")
-        assert memory.note_allocator("cpu", preloaded, lambda name: "libtcmalloc.so.4") == "tcmalloc"
-    messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["heap allocator: tcmalloc (preloaded)"]
-
-
-def test_without_an_installed_allocator_the_hint_names_the_package(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(memory, "_noted", set())
-    with caplog.at_level(logging.INFO, logger="ftexp.memory"):
-        memory.note_allocator("cpu", _maps(tmp_path), lambda name: None)
-    assert "apt-get install libtcmalloc-minimal4" in caplog.text
-
-
-@pytest.mark.skipif(memory.preloadable_allocator() is None or memory.heap_allocator() is None,
-                    reason="no tcmalloc or jemalloc installed, or no /proc")
-def test_the_logged_preload_really_swaps_the_allocator():
-    lib = memory.preloadable_allocator()
-    code = "from ftexp import memory; print(memory.heap_allocator())"
-    env = {**os.environ, "LD_PRELOAD": lib}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ("jemalloc" if "jemalloc" in lib else "tcmalloc")
-    without = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    plain = subprocess.run([sys.executable, "-c", code], env=without, capture_output=True, text=True, check=True)
-    assert plain.stdout.strip() == "libc"
