@@ -47,7 +47,8 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from transformers import PrinterCallback, TrainerCallback
 
-from ftexp import allocator, architecture, evaluation, gguf, gpu_check, memory, modeling, presets, recipes, throughput, training
+from ftexp import (allocator, architecture, evaluation, gguf, gpu_check, memory, modeling, presets, recipes,
+                   throughput, training)
 from ftexp.config import validate
 from ftexp.errors import ConfigError
 from ftexp.tasks import corpus
