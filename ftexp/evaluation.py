@@ -401,6 +401,10 @@ def _causal_logprobs(model, prompt_ids, option_ids, pad, sizer: BatchSize, devic
                      known: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """``known``: for one-token options, each prompt's options' log-probs where already known (else None)."""
     scores = torch.zeros(len(prompt_ids), len(option_ids))
+
+    def new_forward() -> _Forward:  # encodes the shared prefix: only when some prompt is left to encode
+        return _Forward(model, pad, device, _shared_prefix(prompt_ids) if share_prefix else [])
+
     if all(len(ids) == 1 for ids in option_ids):
         first = torch.tensor([ids[0] for ids in option_ids])
         rest = list(range(len(prompt_ids)))
@@ -411,7 +415,7 @@ def _causal_logprobs(model, prompt_ids, option_ids, pad, sizer: BatchSize, devic
             rest = [i for i, logp in enumerate(known) if logp is None]
         if not rest:
             return scores
-        forward = _Forward(model, pad, device, _shared_prefix(prompt_ids) if share_prefix else [])
+        forward = new_forward()
         order = sorted(rest, key=lambda i: -len(prompt_ids[i]))
 
         def step(idx):
@@ -421,7 +425,7 @@ def _causal_logprobs(model, prompt_ids, option_ids, pad, sizer: BatchSize, devic
         sizer.run(order, step, "likelihood", length=lambda i: len(prompt_ids[i]))
         return scores
 
-    forward = _Forward(model, pad, device, _shared_prefix(prompt_ids) if share_prefix else [])
+    forward = new_forward()
     pairs = [(i, j) for i in range(len(prompt_ids)) for j in range(len(option_ids))]
     pairs.sort(key=lambda ij: -(len(prompt_ids[ij[0]]) + len(option_ids[ij[1]])))
 
